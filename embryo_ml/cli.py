@@ -1,0 +1,138 @@
+"""`embryo-ml` command line. Thin: parse, call one library function, print the outcome.
+
+Heavy modules are imported inside each subcommand, so `embryo-ml score` never loads torch or
+mlflow. Every user-caused problem ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from embryo_ml.errors import EmbryoMLError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from embryo_ml.data.synthetic import generate_dataset
+
+    manifest = generate_dataset(args.out, n=args.n, size=args.size, seed=args.seed,
+                                focal_planes=args.focal_planes, progress=not args.quiet)
+    print(f"wrote {args.n} images and {manifest}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from embryo_ml.config import load_config
+
+    cfg = load_config(args.config, args.set)  # fails here, before any import of torch
+    from embryo_ml.train.fit import fit
+
+    run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = fit(cfg, args.data, run_dir, progress=not args.quiet)
+    print(f"validation ROC AUC {result.metrics['val_auc']:.4f} "
+          f"(best epoch {result.metrics['best_epoch']}, {result.metrics['n_val']} images)")
+    print(f"run folder: {result.run_dir}")
+    print(f"MLflow run id: {result.run_id}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from embryo_ml.export.onnx_export import export_bundle
+
+    bundle = export_bundle(args.run_dir, args.out)
+    print(f"wrote bundle {bundle.path} ({bundle.architecture}, {bundle.input_size}px, "
+          f"sha256 {bundle.sha256[:12]}..., ONNX/PyTorch max diff "
+          f"{bundle.val_metrics['parity_max_abs_diff']:.1e})")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from embryo_ml.score.scorer import score_images
+
+    summary = score_images(args.images, args.bundle, args.out, batch_size=args.batch_size,
+                           workers=args.workers, threads=args.threads, progress=not args.quiet)
+    print(f"scored {summary.n_scored} of {summary.n_images} images in {summary.seconds:.1f}s "
+          f"({summary.images_per_second:.0f} images/s) -> {summary.out}")
+    if summary.n_failed:
+        print(f"{summary.n_failed} image(s) could not be scored (see the 'status' column):")
+        for path, status in summary.failures[:10]:
+            print(f"  {path}: {status}")
+        if summary.n_failed > 10:
+            print(f"  ... and {summary.n_failed - 10} more")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from embryo_ml.demo import run_demo
+
+    run_demo(args.out, config=args.config, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embryo-ml", description="Train, export and run IVF embryo image classifiers."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic embryo data set with a manifest")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n", type=int, default=1000, help="number of images")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (64-256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--focal-planes", type=int, default=1, help="images per embryo")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train a model; tracked in MLflow")
+    p.add_argument("--config", type=Path, help="YAML recipe (e.g. configs/demo.yaml)")
+    p.add_argument("--data", type=Path, help="manifest CSV or folder-per-class tree")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a run's best checkpoint as a scoring bundle")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("score", help="score a folder (recursive) or a manifest CSV of images")
+    p.add_argument("images", type=Path)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("scores.csv"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decoding threads")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("demo", help="synth -> train -> export -> score on built-in data")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--config", type=Path, default=None, help="default: configs/demo.yaml")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embryo_ml").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except EmbryoMLError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: rows and checkpoints finished so far are kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

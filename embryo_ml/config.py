@@ -1,0 +1,173 @@
+"""Typed run configuration: a pydantic schema, YAML loading and `--set a.b=c` overrides.
+
+Every section forbids unknown keys, so a typo (`train.epoch`) fails before any work starts, with
+the key, the file and the closest valid name in the message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from embryo_ml.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("resnet18", description="timm model name")
+    pretrained: bool = Field(False, description="load timm hub weights (needs cache or network)")
+    pretrained_file: str | None = Field(
+        None, description="local .safetensors/.pth weights for offline networks"
+    )
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Section):
+    manifest: str | None = Field(None, description="manifest CSV or folder-per-class tree")
+    image_size: int = Field(224, ge=16, le=2048)
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    positive_class: str = "good"
+    num_workers: int = Field(0, ge=0)
+    mean: tuple[float, float, float] | None = Field(
+        None, description="normalisation mean; None = the model's pretrained config"
+    )
+    std: tuple[float, float, float] | None = None
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+    patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
+    augment: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
+    )
+    experiment: str = "embryo-ml"
+    log_checkpoint: bool = True
+
+
+class Config(_Section):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """`{'train.lr': 0.001, ...}`: the form MLflow params and `--set` use."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (['train', 'lr'], 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict; unknown keys are caught by validation afterwards."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _valid_keys(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown config key '{key}'{hint}"
+    return f"{source}: invalid value for '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the defaults when `path` is None), apply `--set` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        source += " + --set"
+    return config_from_dict(tree, source)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) so a run can be repeated exactly."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

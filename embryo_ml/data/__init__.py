@@ -1,0 +1,1 @@
+"""Data layer: manifests, the image reader, splits, transforms, datasets, synthetic images."""

@@ -1,0 +1,105 @@
+"""The one image reader: any common microscopy file in, RGB uint8 out, or a clear refusal.
+
+Clinics export 8-bit JPEG/PNG, 16-bit TIFF from camera software, grayscale stored as RGB, RGBA
+screenshots and palette PNGs. Everything downstream (training, scoring, reports) sees one format:
+an (H, W, 3) uint8 array. A file that cannot be decoded raises `ImageReadError` naming the file
+and the reason, so callers can record it and carry on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from embryo_ml.errors import ImageReadError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 64_000_000  # a 8000x8000 scan; beyond this we refuse rather than swap
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale 16-bit or float data to 0-255 by the type's range (not per image: keeps exposure)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        peak = 1.0 if float(np.nanmax(array, initial=0.0)) <= 1.0 else 255.0
+        return np.clip(np.nan_to_num(array) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # Integer data wider than 8 bits: 16-bit cameras often fill only 12 bits, so scale by the
+    # largest value the container holds only when the data uses it.
+    top = float(array.max(initial=0))
+    full = 65535.0 if top > 4095 else 4095.0 if top > 255 else 255.0
+    return np.clip(array.astype(np.float32) / full * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("RGB",):
+        return np.asarray(image, dtype=np.uint8)
+    if mode in ("L", "1"):
+        gray = np.asarray(image.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode.startswith("I") or mode == "F":
+        gray = _to_uint8(np.asarray(image))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Composite on black: microscopy backgrounds are not white, and a transparent corner
+        # must not turn into a bright artefact.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode `path` to an (H, W, 3) uint8 RGB array, upright per its EXIF orientation.
+
+    Multi-page TIFFs give their first page (with a warning). Raises `ImageReadError` for missing,
+    empty, truncated, non-image or oversized files.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot access file ({error.strerror})") from None
+    if size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    path, f"image too large ({width}x{height} pixels, limit {max_pixels})"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                warnings.warn(f"{path}: has {image.n_frames} pages, using the first", stacklevel=2)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            array = _pil_to_rgb(image)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(path, "image too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = str(error) or error.__class__.__name__
+        if "truncated" in reason.lower():
+            reason = "truncated or corrupt image data"
+        raise ImageReadError(path, f"cannot decode image ({reason})") from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageReadError(path, f"unexpected decoded shape {array.shape}")
+    return np.ascontiguousarray(array)

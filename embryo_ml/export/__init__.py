@@ -1,0 +1,1 @@
+"""Scoring bundles: `bundle` (format: write, read, verify; torch-free) and `onnx_export` (torch)."""

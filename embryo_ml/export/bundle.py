@@ -1,0 +1,129 @@
+"""The one place that knows the scoring-bundle format. Torch-free: the scorer reads bundles.
+
+A bundle is a folder with `model.onnx` and `bundle.json`, which describes the model's inputs
+(size, channel order, mean/std, resize policy), its classes, calibration and threshold, where it
+came from (run id, validation metrics, package versions) and the SHA-256 of `model.onnx`.
+`read_bundle` refuses a bundle whose hash or schema version does not match: a scoring model that
+was swapped or corrupted must never score patients silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embryo_ml.errors import BundleError
+
+SCHEMA_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """`bundle.json` as an object; `path` is the bundle folder (not stored in the file)."""
+
+    architecture: str
+    classes: list[str]
+    positive_class: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    sha256: str
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    resize_policy: str = "squash-inter-area"
+    input_name: str = "image"
+    output_name: str = "logits"
+    temperature: float = 1.0
+    threshold: float = 0.5
+    run_id: str | None = None
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    model_file: str = MODEL_FILE
+    schema_version: int = SCHEMA_VERSION
+    path: Path | None = None
+
+    @property
+    def model_path(self) -> Path:
+        if self.path is None:
+            raise BundleError("bundle has no folder")
+        return self.path / self.model_file
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_class)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return {"schema_version": data.pop("schema_version"), **data}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_bundle_json(bundle: Bundle, folder: str | os.PathLike[str]) -> Path:
+    path = Path(folder) / BUNDLE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(bundle.to_json(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Load and (by default) verify a bundle: schema version, required fields, model hash."""
+    folder = Path(folder)
+    meta_path = folder / BUNDLE_FILE
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder not found: {folder}")
+    if not meta_path.is_file():
+        raise BundleError(f"{folder} is not a scoring bundle: {BUNDLE_FILE} is missing")
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{meta_path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{meta_path}: schema_version {version!r} is not supported (this embryo-ml reads "
+            f"version {SCHEMA_VERSION}); re-export the bundle with this version"
+        )
+    known = {f for f in Bundle.__dataclass_fields__ if f != "path"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BundleError(f"{meta_path}: unknown field(s) {unknown}")
+    try:
+        bundle = Bundle(**data, path=folder)
+    except TypeError as error:
+        raise BundleError(f"{meta_path}: incomplete bundle ({error})") from None
+    if bundle.positive_class not in bundle.classes:
+        raise BundleError(f"{meta_path}: positive_class {bundle.positive_class!r} not in classes")
+    if verify:
+        verify_model_hash(bundle)
+    return bundle
+
+
+def verify_model_hash(bundle: Bundle) -> None:
+    model = bundle.model_path
+    if not model.is_file():
+        raise BundleError(f"bundle {bundle.path}: {bundle.model_file} is missing")
+    actual = file_sha256(model)
+    if actual != bundle.sha256:
+        raise BundleError(
+            f"bundle {bundle.path}: hash mismatch for {bundle.model_file} (expected "
+            f"{bundle.sha256[:12]}..., found {actual[:12]}...): the model was modified or "
+            "corrupted; refusing to score"
+        )

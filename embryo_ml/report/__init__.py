@@ -1,0 +1,1 @@
+"""Human-readable outputs: plots (PNG) now; the HTML report and heatmaps build on these."""

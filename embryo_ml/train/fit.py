@@ -1,0 +1,253 @@
+"""One training run end to end: data -> grouped split -> model -> epochs -> best checkpoint.
+
+The run directory receives, as they happen: `config.yaml` (resolved), `best.pt` (best validation
+AUC so far, written atomically), `history.csv`, and at the end `metrics.json` and
+`val_predictions.csv`. MLflow receives the same, plus plots and the dataset fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import embryo_ml
+from embryo_ml.config import Config, save_config
+from embryo_ml.data.dataset import EmbryoImageDataset
+from embryo_ml.data.manifest import load_labelled
+from embryo_ml.data.splits import grouped_split
+from embryo_ml.data.transforms import build_eval_transform, build_train_transform
+from embryo_ml.errors import ConfigError, DataError
+from embryo_ml.models import build_model, model_normalization
+from embryo_ml.report.plots import confusion_matrix_figure, roc_figure, training_curves_figure
+from embryo_ml.train.loop import evaluate, train_one_epoch
+from embryo_ml.train.metrics import binary_metrics, confusion, softmax
+from embryo_ml.train.tracking import RunTracker, git_commit
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "best.pt"
+
+
+@dataclass
+class FitResult:
+    run_id: str
+    run_dir: Path
+    metrics: dict[str, Any]
+    tracking_uri: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Give each DataLoader worker its own, repeatable augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    seed = int(info.seed % 2**31) if info else worker_id
+    random.seed(seed)
+    np.random.seed(seed)
+    if info is not None:
+        info.dataset.transform.set_random_seed(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def dataset_fingerprint(table: pd.DataFrame) -> dict[str, Any]:
+    """What data a run saw, without patient identifiers: a hash of (file name, label) pairs and
+    counts per class. Same files + labels -> same hash, wherever the folder lives."""
+    pairs = sorted(f"{Path(p).name}\t{lbl}" for p, lbl in zip(table["path"], table["label"]))
+    digest = hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+    counts = table["label"].value_counts().sort_index()
+    return {"data.sha256": digest, "data.n_images": len(table),
+            **{f"data.count.{k}": int(v) for k, v in counts.items()}}
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
+    """LR multiplier per step: linear warmup, then cosine decay to 1% of the base rate."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by `fit` (weights_only: no arbitrary code from the file)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _val_metrics(logits: np.ndarray, targets: np.ndarray, positive_index: int) -> dict[str, float]:
+    probs = softmax(logits)
+    return binary_metrics(targets == positive_index, probs[:, positive_index])
+
+
+def fit(
+    cfg: Config, data: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str],
+    progress: bool = True,
+) -> FitResult:
+    """Train one model as `cfg` says; return the MLflow run id and final validation metrics."""
+    source = data or cfg.data.manifest
+    if source is None:
+        raise ConfigError("no training data: pass --data or set data.manifest")
+    table = load_labelled(source)
+    classes = sorted(table["label"].astype(str).unique())
+    if cfg.data.positive_class not in classes:
+        raise DataError(f"data.positive_class '{cfg.data.positive_class}' is not among the "
+                        f"labels found: {classes}")
+    if len(classes) < 2:
+        raise DataError(f"{source}: need at least two classes, found {classes}")
+    positive_index = classes.index(cfg.data.positive_class)
+    targets = table["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
+    train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+
+    model = build_model(cfg.model, num_classes=len(classes)).to(device)
+    default_mean, default_std = model_normalization(model)
+    mean = tuple(cfg.data.mean or default_mean)
+    std = tuple(cfg.data.std or default_std)
+    size = cfg.data.image_size
+    paths = table["path"].tolist()
+    train_set = EmbryoImageDataset(
+        [paths[i] for i in train_idx], targets[train_idx],
+        build_train_transform(size, mean, std, cfg.train.augment, seed=cfg.seed),
+    )
+    val_set = EmbryoImageDataset(
+        [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std)
+    )
+    loader_args: dict[str, Any] = {
+        "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
+        "pin_memory": device.type == "cuda", "worker_init_fn": _worker_init,
+        "persistent_workers": cfg.data.num_workers > 0,
+    }
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >
+                              cfg.train.batch_size, generator=generator, **loader_args)
+    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch))
+
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    history: list[dict[str, float]] = []
+    best_auc, best_epoch, stale = -math.inf, -1, 0
+    with RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
+                    run_name=run_dir.name) as tracker:
+        tracker.log_params(cfg.flat())
+        fingerprint = dataset_fingerprint(table)
+        tracker.log_params({"data.classes": ",".join(classes), "data.split_group": group_column,
+                            "data.n_train": len(train_idx), "data.n_val": len(val_idx)})
+        tracker.set_tags({**fingerprint, "git_commit": git_commit(),
+                          "embryo_ml_version": embryo_ml.__version__,
+                          "torch_version": torch.__version__, "device": device.type})
+        tracker.log_artifact(run_dir / "config.yaml")
+        (run_dir / "run_id.txt").write_text(tracker.run_id or "", encoding="utf-8")
+        log.info("MLflow run %s; %d train / %d val images grouped by %s",
+                 tracker.run_id, len(train_idx), len(val_idx), group_column)
+
+        for epoch in range(cfg.train.epochs):
+            started = time.perf_counter()
+            train_loss = train_one_epoch(model, train_loader, optimizer, criterion, device,
+                                         scheduler, epoch, progress)
+            out = evaluate(model, val_loader, device, criterion)
+            metrics = _val_metrics(out.logits, out.targets, positive_index)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
+                   **{f"val_{k}": v for k, v in metrics.items()},
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_seconds": time.perf_counter() - started}
+            history.append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+            score = metrics["auc"] if not math.isnan(metrics["auc"]) else -out.loss
+            if score > best_auc:
+                best_auc, best_epoch, stale = score, epoch, 0
+                _atomic_torch_save({
+                    "state_dict": model.state_dict(), "model_name": cfg.model.name,
+                    "classes": classes, "positive_class": cfg.data.positive_class,
+                    "image_size": size, "mean": list(mean), "std": list(std), "epoch": epoch,
+                    "val_metrics": metrics, "config": cfg.model_dump(mode="json"),
+                    "run_id": tracker.run_id,
+                }, checkpoint_path)
+            else:
+                stale += 1
+            if progress:
+                print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {out.loss:.4f}  "
+                      f"val_auc {metrics['auc']:.4f}  ({row['epoch_seconds']:.1f}s)", flush=True)
+            if cfg.train.patience and stale >= cfg.train.patience:
+                log.info("early stop at epoch %d (best epoch %d)", epoch, best_epoch)
+                break
+
+        # Final numbers come from the best checkpoint, not the last epoch.
+        model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
+        out = evaluate(model, val_loader, device, criterion)
+        probs = softmax(out.logits)
+        metrics = _val_metrics(out.logits, out.targets, positive_index)
+        matrix = confusion(out.targets, probs.argmax(axis=1), len(classes))
+        final = {**{f"val_{k}": v for k, v in metrics.items()}, "val_loss": out.loss,
+                 "best_epoch": best_epoch, "epochs_run": len(history),
+                 "n_train": len(train_idx), "n_val": len(val_idx), "classes": classes,
+                 "positive_class": cfg.data.positive_class, "threshold": 0.5,
+                 "val_confusion_matrix": matrix.tolist(), "run_id": tracker.run_id}
+        _write_json(final, run_dir / "metrics.json")
+        predictions = pd.DataFrame({"path": [paths[i] for i in val_idx],
+                                    "label": [classes[t] for t in out.targets]})
+        for i, name in enumerate(classes):
+            predictions[f"p_{name}"] = probs[:, i]
+        predictions.to_csv(run_dir / "val_predictions.csv", index=False)
+
+        tracker.log_metrics({f"best_{k}": v for k, v in final.items()
+                             if isinstance(v, int | float) and k != "best_epoch"})
+        tracker.log_metrics({"best_epoch": best_epoch})
+        tracker.log_figure(confusion_matrix_figure(matrix, classes), "plots/confusion_matrix.png")
+        tracker.log_figure(roc_figure(out.targets == positive_index, probs[:, positive_index],
+                                      cfg.data.positive_class), "plots/roc_curve.png")
+        tracker.log_figure(training_curves_figure(history), "plots/training_curves.png")
+        for name in ("metrics.json", "history.csv"):
+            tracker.log_artifact(run_dir / name)
+        if cfg.tracking.log_checkpoint:
+            tracker.log_artifact(checkpoint_path, "checkpoint")
+        return FitResult(tracker.run_id or "", run_dir, final, tracker.tracking_uri)

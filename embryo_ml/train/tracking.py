@@ -1,0 +1,141 @@
+"""The only module that imports mlflow. Everything training logs goes through `RunTracker`.
+
+Default store: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working folder, which
+`mlflow ui --backend-store-uri sqlite:///mlflow.db` opens. A remote server is checked before any
+training starts, so an unreachable server costs seconds, not an hour of lost training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import mlflow
+from matplotlib.figure import Figure
+
+from embryo_ml.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an http(s) tracking server that does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status >= 400:
+                raise TrackingError(f"MLflow server {uri} answered HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+
+
+def git_commit() -> str | None:
+    """The commit of the embryo_ml source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def salted_hash(value: str, salt: str = "embryo-ml") -> str:
+    """Pseudonymise an identifier before it leaves the machine (patient privacy rule)."""
+    return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16]
+
+
+class RunTracker:
+    """An MLflow run as a context manager; marks the run FAILED if the block raises."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None = None):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def __enter__(self) -> RunTracker:
+        check_reachable(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            experiment = mlflow.set_experiment(self.experiment)
+            run = mlflow.start_run(run_name=self.run_name)
+        except Exception as error:  # mlflow raises many types for a bad store
+            raise TrackingError(f"cannot use MLflow store {self.tracking_uri}: {error}") from None
+        self.experiment_id = experiment.experiment_id
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        status = "FINISHED" if exc_type is None else (
+            "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        )
+        mlflow.end_run(status=status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        clean = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in params.items()}
+        mlflow.log_params(clean)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if v == v}  # MLflow rejects NaN
+        mlflow.log_metrics(finite, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        mlflow.log_dict(dict(data), name)
+
+
+def run_summary(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Params, latest metrics, tags and top-level artifact paths of a run (for tests and CLI)."""
+    client = mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
+    run = client.get_run(run_id)
+
+    def walk(path: str | None) -> list[str]:
+        found = []
+        for item in client.list_artifacts(run_id, path):
+            found.extend(walk(item.path) if item.is_dir else [item.path])
+        return found
+
+    return {
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "status": run.info.status,
+        "artifacts": walk(None),
+        "history": {
+            key: [m.value for m in client.get_metric_history(run_id, key)]
+            for key in run.data.metrics
+        },
+    }

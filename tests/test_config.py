@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from embryo_ml.config import load_config
+from embryo_ml.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides_of_contract_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n"), [
+        "seed=7", "model.name=resnet10t", "model.pretrained=false",
+        "model.pretrained_file=/w.safetensors", "data.image_size=96", "train.epochs=4",
+        "train.batch_size=8", "train.lr=3e-4",
+    ])
+    assert cfg.seed == 7
+    assert cfg.model.name == "resnet10t" and cfg.model.pretrained is False
+    assert cfg.model.pretrained_file == "/w.safetensors"
+    assert cfg.data.image_size == 96
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (4, 8, 3e-4)
+    assert cfg.flat()["train.lr"] == 3e-4
+
+
+def test_typo_in_file_names_key_file_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "train.epoch" in message and str(path) in message and "train.epochs" in message
+
+
+def test_typo_in_override_and_wrong_type() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'model.nmae'"):
+        load_config(None, ["model.nmae=resnet18"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- just\n- a list\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_demo_recipe_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert cfg.model.pretrained is False
