@@ -144,7 +144,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or the defaults when `path` is None), apply `--set` overrides, validate."""
+    """Read a YAML recipe (defaults when `path` is None), apply `--set` overrides, validate."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:

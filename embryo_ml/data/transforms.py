@@ -30,7 +30,10 @@ def build_eval_transform(
 ) -> A.Compose:
     """Resize to a square and normalise; returns HWC float32 (the Dataset makes it CHW)."""
     return A.Compose(
-        [_resizer(image_size), A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)],
+        [
+            _resizer(image_size),
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        ],
         strict=True,
         seed=seed,
     )

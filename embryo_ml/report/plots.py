@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import auc as area_under, roc_curve  # noqa: E402
+from sklearn.metrics import auc as area_under  # noqa: E402
+from sklearn.metrics import roc_curve
 
 
 def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:

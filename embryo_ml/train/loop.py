@@ -1,4 +1,4 @@
-"""One epoch of training and one pass of evaluation: plain functions, torchvision-reference style."""
+"""One epoch of training and one evaluation pass: plain functions, torchvision-reference style."""
 
 from __future__ import annotations
 

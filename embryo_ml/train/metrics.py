@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from embryo_ml.numeric import softmax  # noqa: F401  (re-exported for training code)
 from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
@@ -16,6 +15,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from embryo_ml.numeric import softmax  # noqa: F401  (re-exported for training code)
 
 
 def binary_metrics(
