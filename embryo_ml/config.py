@@ -41,6 +41,21 @@ class DataConfig(_Section):
     std: tuple[float, float, float] | None = None
 
 
+class AugmentConfig(_Section):
+    """Training augmentation (albumentations). An embryo has no "up", so any-angle rotation and
+    flips are label-preserving; the photometric terms cover microscope-to-microscope variation."""
+
+    rotate_p: float = Field(0.7, ge=0.0, le=1.0, description="any-angle rotation probability")
+    flip: bool = True
+    scale: float = Field(0.1, ge=0.0, lt=1.0, description="max relative zoom in/out")
+    shift: float = Field(0.05, ge=0.0, lt=0.5, description="max shift, fraction of the side")
+    brightness: float = Field(0.15, ge=0.0, le=1.0)
+    contrast: float = Field(0.15, ge=0.0, le=1.0)
+    gamma: float = Field(0.15, ge=0.0, lt=1.0, description="max relative gamma change")
+    blur_p: float = Field(0.15, ge=0.0, le=1.0, description="defocus/Gaussian blur probability")
+    noise_p: float = Field(0.15, ge=0.0, le=1.0, description="sensor noise probability")
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -66,6 +81,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

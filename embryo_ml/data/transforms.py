@@ -15,6 +15,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from embryo_ml.config import AugmentConfig
 from embryo_ml.data.preprocess import resize_square
 
 
@@ -22,7 +23,7 @@ def _resizer(size: int) -> A.Lambda:
     def resize(image: np.ndarray, **_: Any) -> np.ndarray:
         return resize_square(image, size)
 
-    return A.Lambda(image=resize, p=1.0)
+    return A.Lambda(name="resize_square", image=resize, p=1.0)
 
 
 def build_eval_transform(
@@ -43,29 +44,35 @@ def build_train_transform(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    augment: bool = True,
+    augment: AugmentConfig | None = None,
     seed: int | None = None,
 ) -> A.Compose:
     """Resize first (augmenting at model size is cheaper), then geometric and photometric noise.
 
-    `seed` makes the augmentation sequence repeatable (DataLoader workers reseed per worker)."""
-    if not augment:
+    `augment=None` means no augmentation (the eval pipeline). `seed` makes the augmentation
+    sequence repeatable (DataLoader workers reseed per worker)."""
+    if augment is None:
         return build_eval_transform(image_size, mean, std, seed)
-    return A.Compose(
-        [
-            _resizer(image_size),
-            A.Affine(
-                rotate=(-180, 180), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
-                border_mode=cv2.BORDER_REFLECT_101, p=0.9,
-            ),
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-            A.RandomGamma(gamma_limit=(85, 115), p=0.3),
-            A.GaussianBlur(blur_limit=(3, 5), p=0.15),
-            A.GaussNoise(std_range=(0.01, 0.04), p=0.15),
-            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-        ],
-        strict=True,
-        seed=seed,
-    )
+    steps: list[A.BasicTransform] = [_resizer(image_size)]
+    if augment.rotate_p or augment.scale or augment.shift:
+        steps.append(A.Affine(
+            rotate=(-180, 180) if augment.rotate_p else 0.0,
+            scale=(1 - augment.scale, 1 + augment.scale),
+            translate_percent=(-augment.shift, augment.shift),
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=max(augment.rotate_p, 0.5),
+        ))
+    if augment.flip:
+        steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if augment.brightness or augment.contrast:
+        steps.append(A.RandomBrightnessContrast(
+            brightness_limit=augment.brightness, contrast_limit=augment.contrast, p=0.5))
+    if augment.gamma:
+        low, high = round(100 * (1 - augment.gamma)), round(100 * (1 + augment.gamma))
+        steps.append(A.RandomGamma(gamma_limit=(low, high), p=0.3))
+    if augment.blur_p:
+        steps.append(A.GaussianBlur(blur_limit=(3, 5), p=augment.blur_p))
+    if augment.noise_p:
+        steps.append(A.GaussNoise(std_range=(0.01, 0.04), p=augment.noise_p))
+    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    return A.Compose(steps, strict=True, seed=seed)

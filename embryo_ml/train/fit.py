@@ -150,7 +150,8 @@ def fit(
     paths = table["path"].tolist()
     train_set = EmbryoImageDataset(
         [paths[i] for i in train_idx], targets[train_idx],
-        build_train_transform(size, mean, std, cfg.train.augment, seed=cfg.seed),
+        build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
+                              seed=cfg.seed),
     )
     val_set = EmbryoImageDataset(
         [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std)
