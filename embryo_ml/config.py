@@ -47,6 +47,7 @@ class AugmentConfig(_Section):
 
     rotate_p: float = Field(0.7, ge=0.0, le=1.0, description="any-angle rotation probability")
     flip: bool = True
+    rot90: bool = True
     scale: float = Field(0.1, ge=0.0, lt=1.0, description="max relative zoom in/out")
     shift: float = Field(0.05, ge=0.0, lt=0.5, description="max shift, fraction of the side")
     brightness: float = Field(0.15, ge=0.0, le=1.0)

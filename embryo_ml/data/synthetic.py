@@ -8,30 +8,36 @@ gradients, sensor noise, random placement and rotation.
 The `good`/`poor` label follows visible morphology only (fragmentation, cell-size symmetry,
 blastocyst expansion, ICM compactness, TE regularity). Everything else (brightness, illumination,
 blur, noise, position, zona size, day) is drawn from the same distributions for both classes, and
-the mean grey level inside the zona is set to a class-independent target, so a model cannot score
-well from global intensity. Rendering is deterministic given (spec, size, focal plane).
+the mean and spread of grey levels inside the zona are set to class-independent targets, so a
+model cannot score well from global intensity. Embryos of one patient share a culture-medium tone
+and illumination direction (derived from the patient id), as in one dish on one microscope.
+
+Day-5 expansion is drawn from 1-5 (5 = hatching through a gap in the zona); 6 (fully hatched, no
+zona around the embryo) is a valid grade but never drawn, since every image shows a zona.
+Rendering is deterministic given (spec, size, focal plane) on one installation; float kernels in
+OpenCV may differ in the last bit between CPU types or OpenCV versions.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 __all__ = [
     "CLASSES",
     "FOCAL_STEP",
     "EmbryoSpec",
     "focal_plane_offsets",
+    "gardner_grade",
     "generate_dataset",
     "render_embryo",
     "sample_embryo",
@@ -256,8 +262,8 @@ def _sample_blastocyst(rng: np.random.Generator, label: str, zona_t: float) -> d
         te = "C" if combo in (1, 2) else str(rng.choice(["A", "B"]))
     zona_t *= {1: 1.0, 2: 1.0, 3: 0.9, 4: 0.65, 5: 0.5}[expansion]
     inner = 1.0 - zona_t
-    body_r = inner * {1: rng.uniform(0.78, 0.88), 2: rng.uniform(0.86, 0.94),
-                      3: rng.uniform(0.95, 0.99)}.get(expansion, rng.uniform(0.985, 1.0))
+    fill = {1: (0.78, 0.88), 2: (0.86, 0.94), 3: (0.95, 0.99)}.get(expansion, (0.985, 1.0))
+    body_r = inner * rng.uniform(*fill)  # how much of the zona the blastocyst fills
     shift = _disc_points(rng, 1, max(inner * 0.98 - body_r, 0.0))[0]
     cb = (float(shift[0]), float(shift[1]))
     phi = rng.uniform(0, 2 * math.pi)
@@ -444,7 +450,9 @@ def _draw_blob(
     np.maximum(height[ys, xs], dome, out=height[ys, xs])
 
 
-def _voronoi(px: np.ndarray, py: np.ndarray, sx: np.ndarray, sy: np.ndarray):
+def _voronoi(
+    px: np.ndarray, py: np.ndarray, sx: np.ndarray, sy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest seed, distance to it, and half the gap to the second nearest (~distance to the
     shared cell wall) for each pixel: draws packed cells with membranes."""
     d2 = (px[:, None] - sx[None, :]) ** 2 + (py[:, None] - sy[None, :]) ** 2
@@ -677,9 +685,12 @@ def focal_plane_offsets(count: int) -> list[int]:
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)  # 2-D uint8: mode L
-    return buf.getvalue()
+    """8-bit grayscale PNG. OpenCV's encoder is about twice as fast as Pillow's here, which is
+    most of the writing time for noisy images (they hardly compress anyway)."""
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # pragma: no cover - only on a broken OpenCV build
+        raise RuntimeError("OpenCV could not encode a PNG")
+    return buf.tobytes()
 
 
 def generate_dataset(
@@ -736,9 +747,9 @@ def generate_dataset(
         for e in range(min(count, n_embryos - len(jobs))):
             jobs.append((pid, f"{pid}-E{e + 1:02d}", len(jobs)))
 
-    iterator = jobs
+    iterator: Iterable[tuple[str, str, int]] = jobs
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only the CLI wants a bar; keep the import off the library path
 
         iterator = tqdm(jobs, desc="synthetic embryos", unit="embryo")
     rows: list[dict[str, object]] = []
@@ -755,9 +766,12 @@ def generate_dataset(
 
     manifest = out_dir / "manifest.csv"
     tmp = out_dir / f".manifest.csv.{os.getpid()}.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, manifest)
+    try:  # readers never see a half-written manifest
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, manifest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return manifest

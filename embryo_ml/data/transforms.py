@@ -64,6 +64,8 @@ def build_train_transform(
         ))
     if augment.flip:
         steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if augment.rot90:  # exact (no interpolation): keeps small fragments crisp at low resolution
+        steps.append(A.RandomRotate90(p=0.75))
     if augment.brightness or augment.contrast:
         steps.append(A.RandomBrightnessContrast(
             brightness_limit=augment.brightness, contrast_limit=augment.contrast, p=0.5))
