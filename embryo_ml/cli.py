@@ -69,6 +69,55 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_manifest(args: argparse.Namespace) -> int:
+    from embryo_ml.data.manifest import build_manifest, write_manifest
+
+    table = build_manifest(args.source, args.pattern, out=args.out,
+                           label_from_folder=True if args.label_from_folder else None,
+                           allow_unmatched=args.allow_unmatched)
+    write_manifest(table, args.out)
+    columns = ", ".join(c for c in table.columns if c != "path")
+    print(f"wrote {args.out}: {len(table)} images; columns: {columns or '(path only)'}")
+    return 0
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    import os
+
+    from embryo_ml.data.manifest import load_labelled, write_manifest
+    from embryo_ml.data.splits import make_splits
+
+    table = load_labelled(args.manifest)
+    splits = make_splits(table, folds=args.folds, test_fraction=args.test_fraction,
+                         seed=args.seed)
+    base = args.out.resolve().parent
+    splits["path"] = [os.path.relpath(p, base).replace(os.sep, "/") for p in splits["path"]]
+    write_manifest(splits, args.out)
+    sizes = splits.groupby(["split", "fold"]).size()
+    print(f"wrote {args.out}: " + ", ".join(
+        ("test" if split == "test" else f"fold {fold}") + f" {n}"
+        for (split, fold), n in sizes.items()))
+    print("verified: no group in two folds or in both train and test")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from embryo_ml.data.check import check_data, format_report
+    from embryo_ml.data.manifest import load_table, read_manifest
+
+    table = load_table(args.data)
+    splits = read_manifest(args.splits) if args.splits else None
+    report = check_data(table, splits, near_threshold=args.near_threshold,
+                        progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0 if report.ok(allow=args.allow) else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from embryo_ml.demo import run_demo
 
@@ -112,6 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(func=_cmd_score)
+
+    data = sub.add_parser("data", help="build manifests, split, check a data set")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("manifest", help="manifest CSV from a folder (regex on paths) or CSV")
+    p.add_argument("source", type=Path, help="image folder or manifest CSV")
+    p.add_argument("--pattern", help="regex searched in each relative path; named groups "
+                   "become columns, e.g. '(?P<embryo_id>\\d+)_(?P<focal_plane>-?\\d+)_"
+                   "(?P<grade>[^.]+)'")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--label-from-folder", action="store_true",
+                   help="label = top-level folder name (default only without --pattern)")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="keep paths the pattern does not match (empty columns)")
+    p.set_defaults(func=_cmd_data_manifest)
+
+    p = data_sub.add_parser("split", help="grouped, stratified test split + k folds")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("splits.csv"))
+    p.set_defaults(func=_cmd_data_split)
+
+    p = data_sub.add_parser("check", help="counts, duplicates, unreadable files, leakage")
+    p.add_argument("data", type=Path, help="manifest CSV or folder-per-class tree")
+    p.add_argument("--splits", type=Path, help="splits.csv to check for leakage")
+    p.add_argument("--json", type=Path, help="also write the report as JSON")
+    p.add_argument("--near-threshold", type=int, default=4,
+                   help="max differing bits of the perceptual hash for a near-duplicate")
+    p.add_argument("--allow", action="store_true",
+                   help="exit 0 even with unreadable files or leakage")
+    p.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("demo", help="synth -> train -> export -> score on built-in data")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

@@ -35,10 +35,27 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     positive_class: str = "good"
     num_workers: int = Field(0, ge=0)
+    cache_dir: str | None = Field(
+        None, description="decoded-image cache folder (decode once, memory-map after); None = off"
+    )
     mean: tuple[float, float, float] | None = Field(
         None, description="normalisation mean; None = the model's pretrained config"
     )
     std: tuple[float, float, float] | None = None
+
+
+class LabelsConfig(_Section):
+    """Which targets a run learns. `binary` reads the `label` column, or derives good/poor from
+    the Gardner `grade` column when `from_grade` is true; `multiclass` uses every label value as a
+    class; `gardner` gives three targets (expansion, ICM, TE) with masks for the multi-task head."""
+
+    task: Literal["binary", "multiclass", "gardner"] = "binary"
+    column: str = "label"
+    from_grade: bool = False
+    grade_column: str = "grade"
+    good_min_expansion: int = Field(3, ge=1, le=6)
+    good_icm: list[Literal["A", "B", "C"]] = Field(default_factory=lambda: ["A", "B"])
+    good_te: list[Literal["A", "B", "C"]] = Field(default_factory=lambda: ["A", "B"])
 
 
 class AugmentConfig(_Section):
@@ -83,6 +100,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

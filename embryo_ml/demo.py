@@ -28,7 +28,8 @@ def run_demo(
     if not config_path.is_file():
         raise ConfigError(f"demo config not found: {config_path} (pass --config)")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
-    cfg = load_config(config_path, [f"tracking.tracking_uri={tracking_uri}"])
+    cfg = load_config(config_path, [f"tracking.tracking_uri={tracking_uri}",
+                                    f"data.cache_dir={out / 'cache'}"])
     out.mkdir(parents=True, exist_ok=True)
 
     size = max(64, min(256, cfg.data.image_size * 2))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.images import read_image
 
 
@@ -16,18 +17,26 @@ class EmbryoImageDataset(Dataset):
     """Yields (float32 CHW tensor, int target). A decode failure raises `ImageReadError`
     naming the file: training on silently skipped images would bias the class balance."""
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform: A.Compose):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        targets: Sequence[int],
+        transform: A.Compose,
+        cache: DecodedCache | None = None,
+    ):
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
         self.paths = list(paths)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = read_image(self.paths[index])
-        out = self.transform(image=image)["image"]
+        path = self.paths[index]
+        image = self.cache.load(path) if self.cache is not None else read_image(path)
+        out = self.transform(image=np.asarray(image))["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
         return tensor, int(self.targets[index])

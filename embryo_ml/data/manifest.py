@@ -8,6 +8,7 @@ folder-per-class tree (`good/`, `poor/`) reads as a manifest whose `label` is th
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,82 @@ def write_manifest(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     table.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return path
+
+
+def _collapse_groups(match: re.Match[str]) -> dict[str, str]:
+    """Named groups -> columns. `name__2`-style groups fill `name` (Python forbids repeating a
+    group name, but a layout often has two places a field can come from)."""
+    values: dict[str, str] = {}
+    for name, value in match.groupdict().items():
+        column = name.split("__", 1)[0]
+        if value is not None and not values.get(column):
+            values[column] = value
+        values.setdefault(column, "")
+    return values
+
+
+def build_manifest(
+    source: str | os.PathLike[str],
+    pattern: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    label_from_folder: bool | None = None,
+    allow_unmatched: bool = False,
+) -> pd.DataFrame:
+    """A manifest from a folder of images (recursive), a folder-per-class tree or a CSV.
+
+    `pattern` is a regular expression searched in each image's path relative to the folder
+    (forward slashes); its named groups become columns, e.g.
+    `(?P<embryo_id>\\d+)_(?P<focal_plane>-?\\d+)_(?P<grade>[^.]+)` for `33996213_-15_3AB.jpg`.
+    The label is the top-level folder name when `label_from_folder` (default: only when there
+    is no pattern; a pattern can take the label from a folder: `(?P<label>good|poor)/`).
+    A path the pattern does not match is an error naming it, unless `allow_unmatched`.
+    Paths in the result are relative to `out`'s folder (absolute when `out` is None).
+    Extra columns of a CSV source are kept.
+    """
+    source = Path(source)
+    regex = None
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            raise DataError(f"--pattern is not a valid regular expression: {error}") from None
+        if not regex.groupindex:
+            raise DataError("--pattern has no named groups, e.g. (?P<embryo_id>\\d+)")
+    if source.is_file():
+        table = read_manifest(source)
+        base = source.resolve().parent
+        relative = [Path(p).relative_to(base).as_posix() if Path(p).is_relative_to(base)
+                    else Path(p).name for p in table["path"]]
+    elif source.is_dir():
+        files = list(iter_image_files(source))
+        if not files:
+            raise DataError(f"{source}: no images found")
+        relative = [f.relative_to(source).as_posix() for f in files]
+        table = pd.DataFrame({"path": [str(f.resolve()) for f in files]})
+        if label_from_folder is None:
+            label_from_folder = regex is None
+        if label_from_folder:
+            table["label"] = [r.split("/", 1)[0] if "/" in r else pd.NA for r in relative]
+    else:
+        raise DataError(f"not found: {source}")
+
+    if regex is not None:
+        rows, unmatched = [], []
+        for rel in relative:
+            match = regex.search(rel)
+            if match is None:
+                unmatched.append(rel)
+                rows.append({})
+            else:
+                rows.append(_collapse_groups(match))
+        if unmatched and not allow_unmatched:
+            raise DataError(f"--pattern does not match {len(unmatched)} of {len(relative)} "
+                            f"path(s), first: {unmatched[0]}")
+        extracted = pd.DataFrame(rows, index=table.index).replace("", pd.NA)
+        for column in extracted.columns:
+            table[column] = extracted[column].astype("string")
+    if out is not None:
+        base = Path(out).resolve().parent
+        table["path"] = [os.path.relpath(p, base).replace(os.sep, "/") for p in table["path"]]
+    ordered = [c for c in MANIFEST_COLUMNS if c in table.columns]
+    return table[ordered + [c for c in table.columns if c not in ordered]]

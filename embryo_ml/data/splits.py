@@ -56,3 +56,64 @@ def grouped_split(
     if overlap:  # a guard on our own logic: this must never happen
         raise AssertionError(f"{len(overlap)} {group_column} groups on both sides of the split")
     return np.sort(train_index), np.sort(val_index), group_column
+
+
+def _fold_of_groups(
+    labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
+) -> np.ndarray:
+    """Fold index (0..n_splits-1) per row; every group in exactly one fold."""
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        fold[held_out] = k
+    return fold
+
+
+def make_splits(
+    table: pd.DataFrame, folds: int = 5, test_fraction: float = 0.2, seed: int = 0,
+    label_column: str = "label",
+) -> pd.DataFrame:
+    """A held-out test split plus `folds` cross-validation folds over the rest, all grouped.
+
+    Returns `path, split, fold, group`: `split` is `test` or `train`; `fold` (0..folds-1) is the
+    fold in which a `train` row is validation, -1 for `test` rows. Stratified by label,
+    deterministic by seed, and verified: no group in two folds or in both train and test.
+    """
+    if folds < 2:
+        raise DataError(f"--folds must be at least 2, got {folds}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if label_column not in table.columns:
+        raise DataError(f"no '{label_column}' column to stratify the split by")
+    group_column, groups = group_keys(table)
+    labels = table[label_column].astype(str).to_numpy()
+    is_test = np.zeros(len(table), dtype=bool)
+    if test_fraction > 0:
+        n_test_splits = max(2, round(1.0 / test_fraction))
+        _require_groups(groups, n_test_splits, group_column)
+        is_test = _fold_of_groups(labels, groups, n_test_splits, seed) == 0
+    rest = ~is_test
+    _require_groups(groups[rest], folds, group_column)
+    fold = np.full(len(table), -1, dtype=np.int64)
+    fold[rest] = _fold_of_groups(labels[rest], groups[rest], folds, seed + 1)
+    result = pd.DataFrame({"path": table["path"].to_numpy(),
+                           "split": np.where(is_test, "test", "train"), "fold": fold,
+                           "group": groups})
+    verify_no_group_leak(result)
+    return result
+
+
+def _require_groups(groups: np.ndarray, n_splits: int, group_column: str) -> None:
+    n_groups = len(set(groups))
+    if n_groups < n_splits:
+        raise DataError(f"only {n_groups} distinct {group_column} value(s): need at least "
+                        f"{n_splits} to split")
+
+
+def verify_no_group_leak(splits: pd.DataFrame) -> None:
+    """Raise if a group sits in two folds, or in both train and test."""
+    part = np.where(splits["split"] == "test", "test", "fold" + splits["fold"].astype(str))
+    sides = pd.DataFrame({"group": splits["group"], "part": part}).drop_duplicates()
+    shared = sides.groupby("group").size()
+    if (shared > 1).any():
+        raise AssertionError(f"{int((shared > 1).sum())} group(s) on two sides of the split")

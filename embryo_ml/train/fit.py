@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 import embryo_ml
 from embryo_ml.config import Config, save_config
+from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.dataset import EmbryoImageDataset
 from embryo_ml.data.manifest import load_labelled
 from embryo_ml.data.splits import grouped_split
@@ -148,13 +149,16 @@ def fit(
     std = tuple(cfg.data.std or default_std)
     size = cfg.data.image_size
     paths = table["path"].tolist()
+    cache = DecodedCache(cfg.data.cache_dir, size) if cfg.data.cache_dir else None
     train_set = EmbryoImageDataset(
         [paths[i] for i in train_idx], targets[train_idx],
         build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
                               seed=cfg.seed),
+        cache,
     )
     val_set = EmbryoImageDataset(
-        [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std)
+        [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std),
+        cache,
     )
     loader_args: dict[str, Any] = {
         "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
