@@ -57,7 +57,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from embryo_ml.score.scorer import score_images
 
     summary = score_images(args.images, args.bundle, args.out, batch_size=args.batch_size,
-                           workers=args.workers, threads=args.threads, progress=not args.quiet)
+                           workers=args.workers, threads=args.threads, progress=not args.quiet,
+                           max_pixels=args.max_pixels)
     print(f"scored {summary.n_scored} of {summary.n_images} images in {summary.seconds:.1f}s "
           f"({summary.images_per_second:.0f} images/s) -> {summary.out}")
     if summary.n_failed:
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="refuse images with more pixels (decompression-bomb guard)")
     p.set_defaults(func=_cmd_score)
 
     data = sub.add_parser("data", help="build manifests, split, check a data set")

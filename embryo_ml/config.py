@@ -35,6 +35,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     positive_class: str = "good"
     num_workers: int = Field(0, ge=0)
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="refuse larger images (decompression-bomb guard)"
+    )
     cache_dir: str | None = Field(
         None, description="decoded-image cache folder (decode once, memory-map after); None = off"
     )

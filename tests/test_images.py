@@ -86,3 +86,21 @@ def test_missing_and_oversized(tmp_path: Path) -> None:
     path = write_image(tmp_path / "big.png", RGB)
     with pytest.raises(ImageReadError, match="too large"):
         read_image(path, max_pixels=100)
+
+
+def test_cmyk_jpeg(tmp_path: Path) -> None:
+    Image.fromarray(RGB).convert("CMYK").save(tmp_path / "k.jpg", quality=95)
+    out = read_image(tmp_path / "k.jpg")
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+
+
+def test_16bit_tiff_and_multipage_tiff(tmp_path: Path) -> None:
+    data = np.linspace(0, 4095, 600, dtype=np.uint16).reshape(20, 30)  # 12-bit camera data
+    Image.fromarray(data).save(tmp_path / "deep.tif")
+    out = read_image(tmp_path / "deep.tif")
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255  # scaled by the 12-bit range
+    pages = [Image.fromarray(GRAY), Image.fromarray(255 - GRAY)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with pytest.warns(UserWarning, match="2 pages, using the first"):
+        first = read_image(tmp_path / "stack.tif")
+    assert np.array_equal(first[:, :, 0], GRAY)

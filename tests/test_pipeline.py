@@ -197,3 +197,45 @@ def test_cli_train_export_score_round_trip(
     assert main(["-q", "score", str(synth_data.parent / "images"), "--bundle",
                  str(tmp_path / "bundle"), "--out", str(out)]) == 0
     assert len(pd.read_csv(out)) == 120
+
+
+def test_score_refuses_oversized_image_per_row(
+    bundle_dir: Path, synth_data: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (300, 300), 128).save(folder / "huge.png")
+    Image.new("L", (64, 64), 128).save(folder / "small.png")
+    out = tmp_path / "s.csv"
+    assert main(["-q", "score", str(folder), "--bundle", str(bundle_dir), "--out", str(out),
+                 "--max-pixels", "10000"]) == 0
+    status = dict(pd.read_csv(out)[["path", "status"]].values)
+    assert status["small.png"] == "ok" and "too large" in status["huge.png"]
+
+
+def test_binary_labels_derived_from_gardner_grades(synth_data: Path, tmp_path: Path) -> None:
+    """STORK-style data: the label comes from the grade by the configured rule."""
+    from embryo_ml.config import load_config
+    from embryo_ml.train.fit import fit
+
+    table = pd.read_csv(synth_data, keep_default_na=False)
+    table["path"] = [str(synth_data.parent / p) for p in table["path"]]
+    table["grade"] = ["4AA" if i % 2 else "2BB" for i in range(len(table))]
+    table = table.drop(columns="label")
+    table.to_csv(tmp_path / "graded.csv", index=False)
+    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1",
+                             "labels.from_grade=true",
+                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                             "tracking.log_checkpoint=false"])
+    result = fit(cfg, tmp_path / "graded.csv", tmp_path / "run", progress=False)
+    assert result.metrics["classes"] == ["good", "poor"]
+    predictions = pd.read_csv(tmp_path / "run" / "val_predictions.csv")
+    truth = dict(zip(table["path"], table["grade"]))
+    assert all((truth[p] == "4AA") == (lbl == "good")
+               for p, lbl in zip(predictions["path"], predictions["label"]))
+    table.loc[3, "grade"] = "4AD"
+    table.to_csv(tmp_path / "graded.csv", index=False)
+    from embryo_ml.errors import DataError
+
+    with pytest.raises(DataError, match="row 5 .*4AD"):
+        fit(cfg, tmp_path / "graded.csv", tmp_path / "run2", progress=False)

@@ -18,17 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from embryo_ml.data.images import read_image
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image
 from embryo_ml.data.preprocess import resize_square
 
 CACHE_FORMAT = "v1"  # bump when the stored array layout or resize policy changes
 
 
 class DecodedCache:
-    def __init__(self, root: str | os.PathLike[str], size: int) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.root = Path(root) / f"{CACHE_FORMAT}-{size}px"
         self.root.mkdir(parents=True, exist_ok=True)
         self.size = size
+        self.max_pixels = max_pixels
         self._digests: dict[str, tuple[int, int, str]] = {}
         self.hits = 0
         self.misses = 0
@@ -54,7 +57,7 @@ class DecodedCache:
         try:
             digest, _ = self._digest(path)
         except FileNotFoundError:
-            return read_image(path)  # the reader raises the one clear error for this
+            return read_image(path, self.max_pixels)  # the reader's one clear error
         entry = self.root / digest[:2] / f"{digest}.npy"
         if entry.is_file():
             try:
@@ -65,7 +68,7 @@ class DecodedCache:
             except (OSError, ValueError):
                 pass  # a damaged entry is rebuilt below
         self.misses += 1
-        array = np.ascontiguousarray(resize_square(read_image(path), self.size))
+        array = np.ascontiguousarray(resize_square(read_image(path, self.max_pixels), self.size))
         entry.parent.mkdir(exist_ok=True)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:

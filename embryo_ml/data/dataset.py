@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from embryo_ml.data.cache import DecodedCache
-from embryo_ml.data.images import read_image
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image
 
 
 class EmbryoImageDataset(Dataset):
@@ -23,6 +23,7 @@ class EmbryoImageDataset(Dataset):
         targets: Sequence[int],
         transform: A.Compose,
         cache: DecodedCache | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
@@ -30,13 +31,17 @@ class EmbryoImageDataset(Dataset):
         self.targets = np.asarray(targets, dtype=np.int64)
         self.transform = transform
         self.cache = cache
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.paths[index]
-        image = self.cache.load(path) if self.cache is not None else read_image(path)
+        if self.cache is not None:
+            image = self.cache.load(path)
+        else:
+            image = read_image(path, self.max_pixels)
         out = self.transform(image=np.asarray(image))["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
         return tensor, int(self.targets[index])

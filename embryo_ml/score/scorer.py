@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embryo_ml.data.images import read_image
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import preprocess
 from embryo_ml.errors import DataError, ImageReadError
@@ -94,7 +94,9 @@ def _text(row: dict[str, object], key: str) -> str:
 class OnnxScorer:
     """An ONNX Runtime session for a verified bundle, with deliberate session options."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -103,6 +105,7 @@ class OnnxScorer:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.bundle = bundle
+        self.max_pixels = max_pixels
         self.session = ort.InferenceSession(
             str(bundle.model_path), options, providers=["CPUExecutionProvider"]
         )
@@ -119,7 +122,7 @@ class OnnxScorer:
 
 def _load(scorer: OnnxScorer, item: ScoreItem) -> tuple[ScoreItem, np.ndarray | None, str]:
     try:
-        return item, scorer.prepare(read_image(item.file)), "ok"
+        return item, scorer.prepare(read_image(item.file, scorer.max_pixels)), "ok"
     except ImageReadError as error:
         return item, None, f"unreadable: {error.reason}"
     except Exception as error:  # a decoder bug must not stop a clinic's whole folder
@@ -170,11 +173,12 @@ def score_images(
     workers: int | None = None,
     threads: int | None = None,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ScoreSummary:
     """Score every image in `source` with the bundle; write `out` (CSV) row by row."""
     bundle = read_bundle(bundle_dir)  # verifies the hash before anything else
     items = iter_items(source)
-    scorer = OnnxScorer(bundle, threads)
+    scorer = OnnxScorer(bundle, threads, max_pixels)
     summary = ScoreSummary(Path(out))
     columns = score_columns(bundle.classes)
     workers = workers or min(4, os.cpu_count() or 1)

@@ -28,10 +28,11 @@ import embryo_ml
 from embryo_ml.config import Config, save_config
 from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.dataset import EmbryoImageDataset
-from embryo_ml.data.manifest import load_labelled
+from embryo_ml.data.labels import build_targets
+from embryo_ml.data.manifest import load_table
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
-from embryo_ml.errors import ConfigError, DataError
+from embryo_ml.errors import ConfigError
 from embryo_ml.models import build_model, model_normalization
 from embryo_ml.report.plots import confusion_matrix_figure, roc_figure, training_curves_figure
 from embryo_ml.train.loop import evaluate, train_one_epoch
@@ -124,15 +125,14 @@ def fit(
     source = data or cfg.data.manifest
     if source is None:
         raise ConfigError("no training data: pass --data or set data.manifest")
-    table = load_labelled(source)
-    classes = sorted(table["label"].astype(str).unique())
-    if cfg.data.positive_class not in classes:
-        raise DataError(f"data.positive_class '{cfg.data.positive_class}' is not among the "
-                        f"labels found: {classes}")
-    if len(classes) < 2:
-        raise DataError(f"{source}: need at least two classes, found {classes}")
+    if cfg.labels.task == "gardner":
+        raise ConfigError("labels.task=gardner: training the Gardner multi-task head is not "
+                          "available yet; use labels.task=binary (optionally from_grade: true)")
+    table = load_table(source)
+    labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
+    classes, targets = labelled.classes, labelled.y
+    table = table.assign(label=labelled.labels)  # what the split stratifies and hashes
     positive_index = classes.index(cfg.data.positive_class)
-    targets = table["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
     train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
 
     run_dir = Path(run_dir)
@@ -149,16 +149,17 @@ def fit(
     std = tuple(cfg.data.std or default_std)
     size = cfg.data.image_size
     paths = table["path"].tolist()
-    cache = DecodedCache(cfg.data.cache_dir, size) if cfg.data.cache_dir else None
+    max_pixels = cfg.data.max_pixels
+    cache = DecodedCache(cfg.data.cache_dir, size, max_pixels) if cfg.data.cache_dir else None
     train_set = EmbryoImageDataset(
         [paths[i] for i in train_idx], targets[train_idx],
         build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
                               seed=cfg.seed),
-        cache,
+        cache, max_pixels,
     )
     val_set = EmbryoImageDataset(
         [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std),
-        cache,
+        cache, max_pixels,
     )
     loader_args: dict[str, Any] = {
         "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
