@@ -186,3 +186,21 @@ def test_data_cli_manifest_split(tmp_path: Path, capsys: pytest.CaptureFixture[s
                  "--test-fraction", "0.2", "--out", str(out)]) == 0
     splits = read_manifest(out)
     assert len(splits) == len(rows) and splits["path"].iloc[0].endswith("imgs/good/0.png")
+
+
+def test_cache_is_filled_safely_by_several_loader_workers(
+    synth_data: Path, tmp_path: Path
+) -> None:
+    from embryo_ml.config import load_config
+    from embryo_ml.train.fit import fit
+
+    cache_dir = tmp_path / "cache"
+    cfg = load_config(None, ["model.name=test_resnet", "data.image_size=32", "train.epochs=2",
+                             "data.num_workers=2", f"data.cache_dir={cache_dir}",
+                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                             "tracking.log_checkpoint=false"])
+    result = fit(cfg, synth_data, tmp_path / "run", progress=False)
+    entries = list(cache_dir.rglob("*.npy"))
+    assert len(entries) == 120 and not list(cache_dir.rglob("*.tmp"))
+    assert all(np.load(e, mmap_mode="r").shape == (32, 32, 3) for e in entries)
+    assert result.metrics["epochs_run"] == 2
