@@ -69,19 +69,14 @@ class _ImageInfo:
     path: str
     sha256: str | None = None
     phash: int | None = None
+    detail: np.ndarray | None = None
     size: str | None = None
     mode: str | None = None
     error: str | None = None
 
 
-def perceptual_hash(image: np.ndarray) -> int:
-    """64-bit DCT hash of an RGB (or grayscale) uint8 image: near copies differ in few bits.
-
-    Gray, shrink to 32x32 (INTER_AREA), 2-D DCT, keep the 8x8 lowest frequencies and set a bit
-    where a coefficient exceeds their median. The DC term (mean brightness) is compared too but
-    its bit is forced to 0, so re-encoding, resizing and a brightness shift leave the hash
-    (almost) unchanged while different embryos differ in about half the bits.
-    """
+def _dct_bits(image: np.ndarray, side: int, keep: int) -> np.ndarray:
+    """Shrink to side x side gray, 2-D DCT, keep x keep lowest frequencies vs their median."""
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or 0 in array.shape[:2]:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
@@ -89,11 +84,33 @@ def perceptual_hash(image: np.ndarray) -> int:
         if array.shape[2] != 3:
             raise ValueError(f"expected 3 channels, got shape {array.shape}")
         array = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(array, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[:8, :8].ravel()
+    small = cv2.resize(array, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:keep, :keep].ravel()
     bits = low > np.median(low[1:])
-    bits[0] = False
-    return int(np.packbits(bits).view(">u8")[0])
+    bits[0] = False  # the DC term is mean brightness: not structure
+    return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """64-bit DCT hash of an RGB (or grayscale) uint8 image: near copies differ in few bits.
+
+    Gray, shrink to 32x32 (INTER_AREA), 2-D DCT, keep the 8x8 lowest frequencies and set a bit
+    where a coefficient exceeds the median of the 63 non-DC ones; the DC bit is always 0, so a
+    brightness shift, re-encoding or resizing leaves the hash (almost) unchanged while unrelated
+    images differ in about half the bits. Every hash has the same number of set bits, so
+    distances between hashes are even.
+    """
+    return int(_dct_bits(image, 32, 8)[0])
+
+
+def detail_hash(image: np.ndarray) -> np.ndarray:
+    """256-bit hash (4 x uint64) like `perceptual_hash` but from a 64x64 shrink.
+
+    The 64-bit hash sees mostly the layout of the frame; in EmbryoScope-like wells (bright ring,
+    dark corners) different embryos share it within 2-4 bits. This one also sees the embryo,
+    so it confirms which 64-bit matches are the same picture.
+    """
+    return _dct_bits(image, 64, 16)
 
 
 def _popcount(values: np.ndarray) -> np.ndarray:
@@ -122,30 +139,49 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def near_duplicate_groups(hashes: Sequence[int], threshold: int,
-                          block: int = 2048) -> list[list[int]]:
-    """Indices grouped by hamming distance <= `threshold`, chained (A~B, B~C: one group).
+def detail_threshold(threshold: int) -> int:
+    """Bits allowed between 256-bit detail hashes for a pair within `threshold` 64-bit bits.
 
-    All pairs are compared, O(N^2), in numpy blocks: about a minute at 100k images on one core;
-    identical hashes are merged first, so large sets of one blank frame cost nothing extra.
-    Beyond a few 100k images this wants an index (multi-index hashing or a BK-tree).
+    3x, not 4x, the 64-bit allowance: re-saved, resized, blurred or brightened copies stay
+    within about 12 of 256 bits, while different embryos in one kind of well start near 18.
+    """
+    return 3 * threshold
+
+
+def near_duplicate_groups(hashes: Sequence[int] | np.ndarray, threshold: int,
+                          details: np.ndarray | None = None,
+                          block: int = 2048) -> list[list[int]]:
+    """Indices grouped by 64-bit hamming distance <= `threshold`, chained (A~B, B~C: one group).
+
+    With `details` ((N, 4) uint64 from `detail_hash`), a pair must also be within
+    `detail_threshold(threshold)` bits there. All pairs are compared, O(N^2), in numpy blocks:
+    about a minute at 100k images; identical hashes are merged first, so many copies of one
+    blank frame cost nothing extra. Beyond a few 100k images this wants an index (multi-index
+    hashing or a BK-tree).
     """
     if len(hashes) < 2:
         return []
-    unique, inverse = np.unique(np.array(hashes, dtype=np.uint64), return_inverse=True)
+    coarse = np.asarray(hashes, dtype=np.uint64).reshape(-1, 1)
+    keys = coarse if details is None else np.hstack([coarse, np.asarray(details, np.uint64)])
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    codes, fine = unique[:, 0], unique[:, 1:]
+    fine_limit = detail_threshold(threshold)
     sets = _UnionFind(len(unique))
     for start in range(0, len(unique), block):
-        rows = unique[start:start + block]
-        for col_start in range(start, len(unique), block):
-            cols = unique[col_start:col_start + block]
-            close = _popcount(rows[:, None] ^ cols[None, :]) <= threshold
-            for i, j in zip(*np.nonzero(close)):
-                a, b = start + int(i), col_start + int(j)
-                if a < b:
-                    sets.union(a, b)
+        for col in range(start, len(unique), block):
+            distance = _popcount(codes[start:start + block, None] ^ codes[None, col:col + block])
+            rows, cols = np.nonzero(distance <= threshold)
+            rows, cols = rows + start, cols + col
+            keep = rows < cols
+            rows, cols = rows[keep], cols[keep]
+            if fine.shape[1] and len(rows):
+                close = _popcount(fine[rows] ^ fine[cols]).sum(axis=1) <= fine_limit
+                rows, cols = rows[close], cols[close]
+            for a, b in zip(rows.tolist(), cols.tolist()):
+                sets.union(a, b)
     members: dict[int, list[int]] = defaultdict(list)
-    for index, code in enumerate(inverse.ravel()):
-        members[sets.find(int(code))].append(index)
+    for index, code in enumerate(inverse.ravel().tolist()):
+        members[sets.find(code)].append(index)
     return [group for group in members.values() if len(group) > 1]
 
 
@@ -165,7 +201,9 @@ def _inspect(path: str, max_pixels: int) -> _ImageInfo:
         info.error = f"cannot read file ({error.strerror or error})"
         return info
     info.size = f"{image.shape[1]}x{image.shape[0]}"
-    info.phash = perceptual_hash(image)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    info.phash = perceptual_hash(gray)
+    info.detail = detail_hash(gray)
     return info
 
 
@@ -290,7 +328,10 @@ def check_data(
 
     `splits` (columns `path`, `split`) or a `split` column of `table` enables the leakage check:
     a patient (else embryo), one file content, or one near-duplicate group in more than one split.
-    Unreadable files are left out of duplicate detection (every empty file would match).
+    Near duplicates: 64-bit perceptual hashes within `near_threshold` bits, confirmed by the
+    256-bit detail hash (see `near_duplicate_groups`); groups of byte copies only are left to
+    `exact_duplicates`. Unreadable files are left out of duplicate detection (every empty file
+    would match).
     """
     if "path" not in table.columns:
         raise DataError(f"data table has no 'path' column (columns: {list(table.columns)})")
@@ -305,7 +346,9 @@ def check_data(
         by_content[str(info.sha256)].append(info.path)
     exact = sorted(sorted(g) for g in by_content.values() if len(g) > 1)
     near = []
-    for group in near_duplicate_groups([int(info.phash or 0) for info in good], near_threshold):
+    details = np.array([info.detail for info in good], dtype=np.uint64).reshape(-1, 4)
+    hashes = [int(info.phash or 0) for info in good]
+    for group in near_duplicate_groups(hashes, near_threshold, details):
         members = sorted(good[i].path for i in group)
         if len({good[i].sha256 for i in group}) > 1:  # not just byte copies (listed above)
             near.append(members)
