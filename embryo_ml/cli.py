@@ -107,9 +107,13 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     from embryo_ml.data.check import check_data, format_report
     from embryo_ml.data.manifest import load_table, read_manifest
+    from embryo_ml.data.splits import split_parts
 
     table = load_table(args.data)
-    splits = read_manifest(args.splits) if args.splits else None
+    splits = None
+    if args.splits:
+        splits = read_manifest(args.splits)
+        splits = splits.assign(split=split_parts(splits))
     report = check_data(table, splits, near_threshold=args.near_threshold,
                         progress=not args.quiet)
     print(format_report(report))

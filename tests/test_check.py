@@ -106,7 +106,7 @@ def test_modes_sizes_and_counts(report: CheckReport) -> None:
     assert report.counts["day"] == {"3": 5, "5": 4}
     patients = report.counts["patient_id"]
     assert patients["n_patients"] == 8 and patients["images_per_patient_max"] == 2
-    assert report.images_per_embryo == {"n_embryos": 5, "min": 1, "median": 1, "max": 4}
+    assert report.images_per_embryo == {"n_embryos": 6, "min": 1, "median": 1, "max": 4}
     assert report.leakage == [] and report.split_column is None
 
 

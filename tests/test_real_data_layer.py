@@ -204,3 +204,45 @@ def test_cache_is_filled_safely_by_several_loader_workers(
     assert len(entries) == 120 and not list(cache_dir.rglob("*.tmp"))
     assert all(np.load(e, mmap_mode="r").shape == (32, 32, 3) for e in entries)
     assert result.metrics["epochs_run"] == 2
+
+
+def test_data_check_cli_exit_codes_json_and_fold_leakage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for p in range(6):
+        for e in range(2):
+            image = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+            name = f"imgs/P{p}_E{e}.png"
+            write_image(tmp_path / name, image)
+            rows.append({"path": name, "label": "good" if e else "poor", "patient_id": f"P{p}",
+                         "embryo_id": f"P{p}-E{e}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    assert main(["-q", "data", "check", str(tmp_path / "m.csv"), "--json",
+                 str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n_images"] == 12
+
+    splits = tmp_path / "splits.csv"
+    assert main(["data", "split", str(tmp_path / "m.csv"), "--folds", "3",
+                 "--test-fraction", "0", "--out", str(splits)]) == 0
+    assert main(["-q", "data", "check", str(tmp_path / "m.csv"), "--splits", str(splits)]) == 0
+    moved = pd.read_csv(splits)
+    first_group = moved["group"].iloc[0]
+    other_fold = (moved.loc[0, "fold"] + 1) % 3
+    moved.loc[moved.index[moved["group"] == first_group][0], "fold"] = other_fold
+    moved.to_csv(splits, index=False)  # one image of a patient now validates in another fold
+    capsys.readouterr()
+    assert main(["-q", "data", "check", str(tmp_path / "m.csv"), "--splits", str(splits)]) == 1
+    assert first_group in capsys.readouterr().out
+    assert main(["-q", "data", "check", str(tmp_path / "m.csv"), "--splits", str(splits),
+                 "--allow"]) == 0
+
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n")
+    pd.DataFrame(rows + [{"path": "imgs/broken.png", "label": "good", "patient_id": "P9",
+                          "embryo_id": "P9-E0"}]).to_csv(tmp_path / "m2.csv", index=False)
+    capsys.readouterr()
+    assert main(["-q", "data", "check", str(tmp_path / "m2.csv")]) == 1
+    assert "broken.png" in capsys.readouterr().out

@@ -49,7 +49,7 @@ class CheckReport:
     split_column: str | None
     group_column: str | None = None  # the id column group leakage was checked on
     label_conflicts: list[dict[str, object]] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)  # path -> label, for duplicate listings
+    labels: dict[str, str] = field(default_factory=dict, repr=False)  # path -> label, for listings
 
     def ok(self, allow: bool = False) -> bool:
         """False when files cannot be read or a split leaks; `allow` accepts them knowingly."""

@@ -110,10 +110,19 @@ def _require_groups(groups: np.ndarray, n_splits: int, group_column: str) -> Non
                         f"{n_splits} to split")
 
 
+def split_parts(splits: pd.DataFrame) -> pd.Series:
+    """The side of each row: `test`, or `fold<k>` for cross-validation rows (each fold is a
+    side of its own: a group in two folds leaks in cross-validation)."""
+    if "fold" not in splits.columns:
+        return splits["split"].astype(str)
+    fold = "fold" + splits["fold"].astype(str)
+    return pd.Series(np.where(splits["split"] == "test", "test", fold), index=splits.index)
+
+
 def verify_no_group_leak(splits: pd.DataFrame) -> None:
     """Raise if a group sits in two folds, or in both train and test."""
-    part = np.where(splits["split"] == "test", "test", "fold" + splits["fold"].astype(str))
-    sides = pd.DataFrame({"group": splits["group"], "part": part}).drop_duplicates()
+    sides = pd.DataFrame({"group": splits["group"], "part": split_parts(splits)})
+    sides = sides.drop_duplicates()
     shared = sides.groupby("group").size()
     if (shared > 1).any():
         raise AssertionError(f"{int((shared > 1).sum())} group(s) on two sides of the split")
