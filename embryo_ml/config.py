@@ -89,6 +89,17 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
 
 
+class CalibrationConfig(_Section):
+    """Fit on validation logits after training; stored in the bundle and applied when scoring."""
+
+    method: Literal["temperature", "none"] = "temperature"
+    threshold: Literal["youden", "sensitivity", "fixed"] = Field(
+        "youden", description="youden: max sens+spec-1; sensitivity: reach target_sensitivity"
+    )
+    target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
+    fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
@@ -104,6 +115,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

@@ -26,6 +26,9 @@ def test_training_run_is_tracked_in_mlflow(trained_run: dict) -> None:
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["val_auc"] <= 1.0 and metrics["epochs_run"] == 2
+    for key in ("temperature", "threshold", "val_ece_before", "val_ece_after",
+                "val_brier_before", "val_brier_after"):
+        assert np.isfinite(metrics[key]), key
     summary = run_summary(result.run_id, trained_run["uri"])
     assert summary["status"] == "FINISHED"
     assert summary["params"]["model.name"] == TINY_MODEL
@@ -33,7 +36,8 @@ def test_training_run_is_tracked_in_mlflow(trained_run: dict) -> None:
     assert len(summary["history"]["val_auc"]) == 2  # one value per epoch
     assert len(summary["history"]["train_loss"]) == 2
     for artifact in ("plots/confusion_matrix.png", "plots/roc_curve.png",
-                     "plots/training_curves.png", "checkpoint/best.pt", "config.yaml"):
+                     "plots/training_curves.png", "plots/reliability_diagram.png",
+                     "checkpoint/best.pt", "config.yaml"):
         assert artifact in summary["artifacts"], artifact
     # patient privacy: no patient id reaches MLflow
     logged = json.dumps([summary["params"], summary["tags"]])
@@ -47,7 +51,10 @@ def test_bundle_describes_itself_and_matches_pytorch(bundle_dir: Path, trained_r
     assert bundle.classes == ["good", "poor"] and bundle.positive_class == "good"
     assert bundle.run_id == trained_run["result"].run_id
     assert bundle.val_metrics["parity_max_abs_diff"] <= 1e-4
-    assert bundle.temperature == 1.0 and bundle.versions["onnxruntime"]
+    metrics = json.loads((trained_run["run_dir"] / "metrics.json").read_text())
+    assert bundle.temperature == metrics["temperature"] and 0.05 <= bundle.temperature <= 20
+    assert bundle.threshold == metrics["threshold"] and 0.0 < bundle.threshold < 1.0
+    assert bundle.versions["onnxruntime"]
 
 
 def test_onnx_scores_equal_pytorch_on_real_images(
@@ -71,7 +78,9 @@ def test_onnx_scores_equal_pytorch_on_real_images(
     batch = np.stack([preprocess(read_image(f), 64, checkpoint["mean"], checkpoint["std"])
                       for f in files])
     with torch.inference_mode():
-        expected = torch.softmax(model(torch.from_numpy(batch)), 1)[:, 0].numpy()
+        logits = model(torch.from_numpy(batch))
+    temperature = read_bundle(bundle_dir).temperature  # calibrated probabilities are scored
+    expected = torch.softmax(logits / temperature, 1)[:, 0].numpy()
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
     score_images(manifest, bundle_dir, tmp_path / "s.csv", progress=False)

@@ -113,6 +113,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
             positive_class=checkpoint["positive_class"], input_size=size,
             mean=[float(x) for x in checkpoint["mean"]], std=[float(x) for x in checkpoint["std"]],
             sha256=file_sha256(staging / MODEL_FILE), resize_policy=RESIZE_POLICY,
+            temperature=float(metrics.get("temperature", 1.0)),
             threshold=float(metrics.get("threshold", 0.5)), run_id=checkpoint.get("run_id"),
             val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")}
             | {"parity_max_abs_diff": difference, "best_epoch": checkpoint["epoch"]},

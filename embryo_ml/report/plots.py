@@ -63,6 +63,29 @@ def training_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     return fig
 
 
+def reliability_figure(
+    y_true: np.ndarray, p_before: np.ndarray, p_after: np.ndarray, temperature: float
+) -> Figure:
+    """Observed positive rate against mean predicted probability per bin, before and after
+    temperature scaling; the diagonal is perfect calibration."""
+    from embryo_ml.train.calibration import expected_calibration_error, reliability_bins
+
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    for p, name in ((p_before, "before"), (p_after, f"after (T={temperature:.2f})")):
+        predicted, observed, _ = reliability_bins(y_true, p)
+        ece = expected_calibration_error(y_true, p)
+        ax.plot(predicted, observed, marker="o", label=f"{name}, ECE {ece:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed rate")
+    ax.set_title("Reliability diagram")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import embryo_ml
-from embryo_ml.config import Config, save_config
+from embryo_ml.config import CalibrationConfig, Config, save_config
 from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.dataset import EmbryoImageDataset
 from embryo_ml.data.labels import build_targets
@@ -34,7 +34,18 @@ from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import ConfigError
 from embryo_ml.models import build_model, model_normalization
-from embryo_ml.report.plots import confusion_matrix_figure, roc_figure, training_curves_figure
+from embryo_ml.report.plots import (
+    confusion_matrix_figure,
+    reliability_figure,
+    roc_figure,
+    training_curves_figure,
+)
+from embryo_ml.train.calibration import (
+    brier_score,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+)
 from embryo_ml.train.loop import evaluate, train_one_epoch
 from embryo_ml.train.metrics import binary_metrics, confusion, softmax
 from embryo_ml.train.tracking import RunTracker, git_commit
@@ -110,6 +121,30 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `fit` (weights_only: no arbitrary code from the file)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def calibrate(
+    logits: np.ndarray, targets: np.ndarray, positive_index: int, cfg: CalibrationConfig
+) -> dict[str, float]:
+    """Temperature and threshold fit on validation logits, with ECE and Brier before/after."""
+    is_positive = targets == positive_index
+    raw = softmax(logits)[:, positive_index]
+    temperature = fit_temperature(logits, targets) if cfg.method == "temperature" else 1.0
+    scaled = softmax(logits, temperature)[:, positive_index]
+    threshold = choose_threshold(is_positive, scaled, cfg.threshold, cfg.target_sensitivity,
+                                 cfg.fixed_threshold)
+    return {"temperature": temperature, "threshold": threshold,
+            "val_ece_before": expected_calibration_error(is_positive, raw),
+            "val_ece_after": expected_calibration_error(is_positive, scaled),
+            "val_brier_before": brier_score(is_positive, raw),
+            "val_brier_after": brier_score(is_positive, scaled)}
+
+
+def predict_classes(probs: np.ndarray, positive_index: int, threshold: float) -> np.ndarray:
+    """Binary: positive when its probability reaches the threshold; more classes: argmax."""
+    if probs.shape[1] != 2:
+        return probs.argmax(axis=1)
+    return np.where(probs[:, positive_index] >= threshold, positive_index, 1 - positive_index)
 
 
 def _val_metrics(logits: np.ndarray, targets: np.ndarray, positive_index: int) -> dict[str, float]:
@@ -230,13 +265,16 @@ def fit(
         # Final numbers come from the best checkpoint, not the last epoch.
         model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
         out = evaluate(model, val_loader, device, criterion)
-        probs = softmax(out.logits)
-        metrics = _val_metrics(out.logits, out.targets, positive_index)
-        matrix = confusion(out.targets, probs.argmax(axis=1), len(classes))
+        calibrated = calibrate(out.logits, out.targets, positive_index, cfg.calibration)
+        probs = softmax(out.logits, calibrated["temperature"])
+        is_positive = out.targets == positive_index
+        metrics = binary_metrics(is_positive, probs[:, positive_index], calibrated["threshold"])
+        matrix = confusion(out.targets, predict_classes(probs, positive_index,
+                                                        calibrated["threshold"]), len(classes))
         final = {**{f"val_{k}": v for k, v in metrics.items()}, "val_loss": out.loss,
-                 "best_epoch": best_epoch, "epochs_run": len(history),
+                 **calibrated, "best_epoch": best_epoch, "epochs_run": len(history),
                  "n_train": len(train_idx), "n_val": len(val_idx), "classes": classes,
-                 "positive_class": cfg.data.positive_class, "threshold": 0.5,
+                 "positive_class": cfg.data.positive_class,
                  "val_confusion_matrix": matrix.tolist(), "run_id": tracker.run_id}
         _write_json(final, run_dir / "metrics.json")
         predictions = pd.DataFrame({"path": [paths[i] for i in val_idx],
@@ -252,6 +290,9 @@ def fit(
         tracker.log_figure(roc_figure(out.targets == positive_index, probs[:, positive_index],
                                       cfg.data.positive_class), "plots/roc_curve.png")
         tracker.log_figure(training_curves_figure(history), "plots/training_curves.png")
+        tracker.log_figure(reliability_figure(
+            is_positive, softmax(out.logits)[:, positive_index], probs[:, positive_index],
+            calibrated["temperature"]), "plots/reliability_diagram.png")
         for name in ("metrics.json", "history.csv"):
             tracker.log_artifact(run_dir / name)
         if cfg.tracking.log_checkpoint:
