@@ -5,12 +5,17 @@ MLflow always points at a sqlite file under tmp (never the working folder's mlfl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+# Real public samples (never copied into the repo): ../shared/data beside the checkout, or
+# wherever $EMBRYO_ML_SHARED_DATA points. Tests that need them skip when absent.
+SHARED_DATA = Path(os.environ.get("EMBRYO_ML_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
 TINY_MODEL = "test_resnet"  # a timm test model: ~0.4M parameters, trains in seconds at 64 px
 
 

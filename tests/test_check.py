@@ -22,9 +22,9 @@ from embryo_ml.data.check import (
 )
 from embryo_ml.data.manifest import load_table
 from embryo_ml.errors import DataError
-from tests.conftest import write_image
+from tests.conftest import SHARED_DATA, write_image
 
-STAGE = Path(__file__).resolve().parents[2] / "shared/data/stage-grade/data"
+STAGE = SHARED_DATA / "stage-grade" / "data"
 
 
 def texture(seed: int, channels: int = 3) -> np.ndarray:

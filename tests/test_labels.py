@@ -18,8 +18,9 @@ from embryo_ml.data.labels import (
     parse_gardner,
 )
 from embryo_ml.errors import DataError
+from tests.conftest import SHARED_DATA
 
-STORK = Path(__file__).resolve().parents[2] / "shared/data/stork/images"
+STORK = SHARED_DATA / "stork" / "images"
 
 
 # --- parse_gardner ----------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from embryo_ml.data.manifest import build_manifest, read_manifest
 from embryo_ml.data.preprocess import resize_square
 from embryo_ml.data.splits import make_splits, verify_no_group_leak
 from embryo_ml.errors import DataError
-from tests.conftest import write_image
+from tests.conftest import SHARED_DATA, write_image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 STORK = SHARED / "stork" / "images"
 TIMELAPSE = SHARED / "timelapse" / "sample_data" / "embryo_dataset"
 STORK_PATTERN = (r"(?P<label>good|poor)[/_](?P<embryo_id>\d+)_(?P<focal_plane>-?\d+)_"
