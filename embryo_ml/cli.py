@@ -29,13 +29,25 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
     from embryo_ml.config import load_config
 
-    cfg = load_config(args.config, args.set)  # fails here, before any import of torch
+    data = args.data
+    if args.resume:
+        # The run's own resolved config and data; --set may still change e.g. train.epochs.
+        run_dir = args.resume
+        if not (run_dir / "last.pt").is_file() or not (run_dir / "run.json").is_file():
+            raise EmbryoMLError(f"--resume {run_dir}: not an interrupted training run "
+                                "(no last.pt / run.json)")
+        cfg = load_config(run_dir / "config.yaml", args.set)
+        data = data or json.loads((run_dir / "run.json").read_text())["data"]
+    else:
+        cfg = load_config(args.config, args.set)  # fails here, before any import of torch
+        run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     from embryo_ml.train.fit import fit
 
-    run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    result = fit(cfg, args.data, run_dir, progress=not args.quiet)
+    result = fit(cfg, data, run_dir, progress=not args.quiet, resume=bool(args.resume))
     print(f"validation ROC AUC {result.metrics['val_auc']:.4f} "
           f"(best epoch {result.metrics['best_epoch']}, {result.metrics['n_val']} images)")
     print(f"run folder: {result.run_dir}")
@@ -149,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML recipe (e.g. configs/demo.yaml)")
     p.add_argument("--data", type=Path, help="manifest CSV or folder-per-class tree")
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last.pt (same MLflow run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.set_defaults(func=_cmd_train)

@@ -85,8 +85,21 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(0, ge=0)
     patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
     augment: bool = True
+    weighted_sampler: bool = Field(False, description="sample classes equally often")
+    freeze_backbone_epochs: int = Field(0, ge=0, description="train only the head at first")
+    head_lr: float | None = Field(None, gt=0.0, description="head learning rate; None = lr")
+    ema: bool = Field(False, description="evaluate and export an EMA of the weights")
+    ema_decay: float = Field(0.998, gt=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+
+
+class LossConfig(_Section):
+    class_weights: Literal["auto", "none"] | list[float] = Field(
+        "none", description="auto = inverse class frequency on the training split"
+    )
+    focal_gamma: float = Field(0.0, ge=0.0, description="0 = cross-entropy; 2 = typical focal")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class CalibrationConfig(_Section):
@@ -116,6 +129,7 @@ class Config(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,82 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(
     run_id = (run_dir / "run_id.txt").read_text()
     assert run_summary(run_id, f"sqlite:///{tmp_path / 'm.db'}")["status"] == "FAILED"
     assert json.loads(json.dumps(checkpoint["val_metrics"]))  # plain values only
+
+
+def test_resume_after_interrupt_matches_an_uninterrupted_run(
+    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from embryo_ml.cli import main
+
+    overrides = [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=3",
+                 "train.batch_size=16", "tracking.log_checkpoint=false"]
+    straight_db = f"sqlite:///{tmp_path / 'a.db'}"
+    straight_cfg = load_config(None, [*overrides, f"tracking.tracking_uri={straight_db}"])
+    straight = fit_module.fit(straight_cfg, synth_data, tmp_path / "a", progress=False)
+
+    resumed_db = f"sqlite:///{tmp_path / 'b.db'}"
+    real_epoch = fit_module.train_one_epoch
+
+    def interrupted(*args: object, **kwargs: object) -> float:
+        if args[6] == 2:  # the epoch argument: Ctrl-C during the third epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", interrupted)
+    code = main(["-q", "train", "--data", str(synth_data), "--out", str(tmp_path / "b"),
+                 *[x for o in [*overrides, f"tracking.tracking_uri={resumed_db}"]
+                   for x in ("--set", o)]])
+    assert code == 130 and not (tmp_path / "b" / "metrics.json").exists()
+    monkeypatch.setattr(fit_module, "train_one_epoch", real_epoch)
+    assert main(["-q", "train", "--resume", str(tmp_path / "b")]) == 0
+
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in ("val_auc", "val_loss", "temperature", "threshold", "best_epoch"):
+        assert resumed[key] == straight.metrics[key], key
+    client = mlflow.MlflowClient(resumed_db)
+    runs = client.search_runs([client.get_experiment_by_name("embryo-ml").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_auc")) == 3
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    from embryo_ml.cli import main
+
+    assert main(["-q", "train", "--resume", str(tmp_path)]) == 2
+
+
+def test_recipe_options_train(synth_data: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class weights, focal loss, smoothing, sampler, EMA and a frozen backbone together."""
+    initial: dict[str, torch.Tensor] = {}
+    real_build = fit_module.build_model
+
+    def recording_build(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = real_build(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        return model
+
+    monkeypatch.setattr(fit_module, "build_model", recording_build)
+    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1",
+                             "train.batch_size=16", "loss.class_weights=auto",
+                             "loss.focal_gamma=2", "loss.label_smoothing=0.1",
+                             "train.weighted_sampler=true", "train.ema=true",
+                             "train.freeze_backbone_epochs=1", "train.head_lr=0.01",
+                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                             "tracking.log_checkpoint=false"])
+    result = fit_module.fit(cfg, synth_data, tmp_path / "run", progress=False)
+    assert np.isfinite(result.metrics["val_loss"])
+    last = fit_module.load_checkpoint(tmp_path / "run" / "last.pt")
+    head = {name for name in initial if name.startswith("fc.") or ".fc." in name
+            or name.startswith("head")}
+    assert head, sorted(initial)[-4:]
+    for name, before in initial.items():
+        after = last["model"][name]
+        if name in head:
+            assert not torch.equal(before, after), name  # the head learned
+        else:
+            assert torch.equal(before, after), name  # the backbone stayed frozen
+    best = fit_module.load_checkpoint(tmp_path / "run" / "best.pt")["state_dict"]
+    assert any(not torch.equal(best[k], last["model"][k]) for k in head)  # EMA is exported

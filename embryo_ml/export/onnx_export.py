@@ -31,8 +31,8 @@ from embryo_ml.export.bundle import (
     write_bundle_json,
 )
 from embryo_ml.models import build_model
-from embryo_ml.train.fit import CHECKPOINT_NAME, load_checkpoint
 from embryo_ml.train.metrics import softmax
+from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4
 

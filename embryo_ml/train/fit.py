@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import embryo_ml
 from embryo_ml.config import CalibrationConfig, Config, save_config
@@ -47,11 +47,19 @@ from embryo_ml.train.calibration import (
     fit_temperature,
 )
 from embryo_ml.train.loop import evaluate, train_one_epoch
+from embryo_ml.train.losses import build_criterion
 from embryo_ml.train.metrics import binary_metrics, confusion, softmax
+from embryo_ml.train.state import (
+    CHECKPOINT_NAME,
+    LAST_NAME,
+    atomic_torch_save,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+)
 from embryo_ml.train.tracking import RunTracker, git_commit
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "best.pt"
 
 
 @dataclass
@@ -106,21 +114,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `fit` (weights_only: no arbitrary code from the file)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def calibrate(
@@ -152,17 +149,42 @@ def _val_metrics(logits: np.ndarray, targets: np.ndarray, positive_index: int) -
     return binary_metrics(targets == positive_index, probs[:, positive_index])
 
 
+def _parameter_groups(model: nn.Module, cfg: Config) -> tuple[list[dict], list[nn.Parameter]]:
+    """Backbone and head as two optimizer groups (separate learning rates); returns the groups
+    and the backbone parameters (frozen during `freeze_backbone_epochs`)."""
+    head = list(model.get_classifier().parameters())
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    groups = [{"params": backbone, "lr": cfg.train.lr},
+              {"params": head, "lr": cfg.train.head_lr or cfg.train.lr}]
+    return [g for g in groups if g["params"]], backbone
+
+
+def _train_sampler(
+    targets: np.ndarray, n_classes: int, generator: torch.Generator
+) -> WeightedRandomSampler:
+    """Each class drawn equally often in expectation (with replacement)."""
+    counts = np.bincount(targets, minlength=n_classes).astype(float)
+    weights = 1.0 / counts[targets]
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets),
+                                 replacement=True, generator=generator)
+
+
 def fit(
     cfg: Config, data: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str],
-    progress: bool = True,
+    progress: bool = True, resume: bool = False,
 ) -> FitResult:
-    """Train one model as `cfg` says; return the MLflow run id and final validation metrics."""
+    """Train one model as `cfg` says; return the MLflow run id and final validation metrics.
+
+    `resume=True` continues the run in `run_dir` from its `last.pt` (same MLflow run)."""
     source = data or cfg.data.manifest
     if source is None:
         raise ConfigError("no training data: pass --data or set data.manifest")
     if cfg.labels.task == "gardner":
         raise ConfigError("labels.task=gardner: training the Gardner multi-task head is not "
                           "available yet; use labels.task=binary (optionally from_grade: true)")
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / LAST_NAME) if resume else None
     table = load_table(source)
     labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
     classes, targets = labelled.classes, labelled.y
@@ -170,9 +192,9 @@ def fit(
     positive_index = classes.index(cfg.data.positive_class)
     train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
 
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    _write_json({"data": str(Path(source).resolve())}, run_dir / "run.json")
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -186,12 +208,10 @@ def fit(
     paths = table["path"].tolist()
     max_pixels = cfg.data.max_pixels
     cache = DecodedCache(cfg.data.cache_dir, size, max_pixels) if cfg.data.cache_dir else None
+    augment = build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
+                                    seed=cfg.seed)
     train_set = EmbryoImageDataset(
-        [paths[i] for i in train_idx], targets[train_idx],
-        build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
-                              seed=cfg.seed),
-        cache, max_pixels,
-    )
+        [paths[i] for i in train_idx], targets[train_idx], augment, cache, max_pixels)
     val_set = EmbryoImageDataset(
         [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std),
         cache, max_pixels,
@@ -202,52 +222,78 @@ def fit(
         "persistent_workers": cfg.data.num_workers > 0,
     }
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >
-                              cfg.train.batch_size, generator=generator, **loader_args)
+    sampler = (_train_sampler(targets[train_idx], len(classes), generator)
+               if cfg.train.weighted_sampler else None)
+    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_set) > cfg.train.batch_size,
+                              generator=generator, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
 
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    criterion = build_criterion(cfg.loss, targets[train_idx], len(classes)).to(device)
+    groups, backbone = _parameter_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch))
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    scored = ema.module if ema is not None else model  # what is evaluated and exported
 
     checkpoint_path = run_dir / CHECKPOINT_NAME
     history: list[dict[str, float]] = []
-    best_auc, best_epoch, stale = -math.inf, -1, 0
+    best_score, best_epoch, stale, first_epoch = -math.inf, -1, 0, 0
+    run_id = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best_epoch, stale = list(state["history"]), state["best_epoch"], state["stale"]
+        best_score, first_epoch, run_id = state["best_score"], state["epoch"] + 1, state["run_id"]
+        restore_rng_state(state["rng"], generator, augment)
+        log.info("resuming %s at epoch %d (best so far: epoch %d)", run_dir, first_epoch,
+                 best_epoch)
     with RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                    run_name=run_dir.name) as tracker:
-        tracker.log_params(cfg.flat())
-        fingerprint = dataset_fingerprint(table)
-        tracker.log_params({"data.classes": ",".join(classes), "data.split_group": group_column,
-                            "data.n_train": len(train_idx), "data.n_val": len(val_idx)})
-        tracker.set_tags({**fingerprint, "git_commit": git_commit(),
-                          "embryo_ml_version": embryo_ml.__version__,
-                          "torch_version": torch.__version__, "device": device.type})
-        tracker.log_artifact(run_dir / "config.yaml")
+                    run_name=run_dir.name, run_id=run_id) as tracker:
+        if state is None:
+            tracker.log_params(cfg.flat())
+            tracker.log_params({"data.classes": ",".join(classes),
+                                "data.split_group": group_column,
+                                "data.n_train": len(train_idx), "data.n_val": len(val_idx)})
+            tracker.set_tags({**dataset_fingerprint(table), "git_commit": git_commit(),
+                              "embryo_ml_version": embryo_ml.__version__,
+                              "torch_version": torch.__version__, "device": device.type})
+            tracker.log_artifact(run_dir / "config.yaml")
         (run_dir / "run_id.txt").write_text(tracker.run_id or "", encoding="utf-8")
         log.info("MLflow run %s; %d train / %d val images grouped by %s",
                  tracker.run_id, len(train_idx), len(val_idx), group_column)
 
-        for epoch in range(cfg.train.epochs):
+        for epoch in range(first_epoch, cfg.train.epochs):
+            if stale and cfg.train.patience and stale >= cfg.train.patience:
+                break  # a resumed run that had already stopped early
             started = time.perf_counter()
+            for parameter in backbone:
+                parameter.requires_grad_(epoch >= cfg.train.freeze_backbone_epochs)
             train_loss = train_one_epoch(model, train_loader, optimizer, criterion, device,
-                                         scheduler, epoch, progress)
-            out = evaluate(model, val_loader, device, criterion)
+                                         scheduler, epoch, progress, ema)
+            out = evaluate(scored, val_loader, device, criterion)
             metrics = _val_metrics(out.logits, out.targets, positive_index)
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
                    **{f"val_{k}": v for k, v in metrics.items()},
-                   "lr": optimizer.param_groups[0]["lr"],
+                   "lr": optimizer.param_groups[-1]["lr"],
                    "epoch_seconds": time.perf_counter() - started}
             history.append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
             score = metrics["auc"] if not math.isnan(metrics["auc"]) else -out.loss
-            if score > best_auc:
-                best_auc, best_epoch, stale = score, epoch, 0
-                _atomic_torch_save({
-                    "state_dict": model.state_dict(), "model_name": cfg.model.name,
+            if score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
+                atomic_torch_save({
+                    "state_dict": scored.state_dict(), "model_name": cfg.model.name,
                     "classes": classes, "positive_class": cfg.data.positive_class,
                     "image_size": size, "mean": list(mean), "std": list(std), "epoch": epoch,
                     "val_metrics": metrics, "config": cfg.model_dump(mode="json"),
@@ -255,6 +301,13 @@ def fit(
                 }, checkpoint_path)
             else:
                 stale += 1
+            atomic_torch_save({
+                "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": history, "best_score": best_score,
+                "best_epoch": best_epoch, "stale": stale, "run_id": tracker.run_id,
+                "rng": rng_state(generator, augment),
+            }, run_dir / LAST_NAME)
             if progress:
                 print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {out.loss:.4f}  "
                       f"val_auc {metrics['auc']:.4f}  ({row['epoch_seconds']:.1f}s)", flush=True)
@@ -263,8 +316,8 @@ def fit(
                 break
 
         # Final numbers come from the best checkpoint, not the last epoch.
-        model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-        out = evaluate(model, val_loader, device, criterion)
+        scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
+        out = evaluate(scored, val_loader, device, criterion)
         calibrated = calibrate(out.logits, out.targets, positive_index, cfg.calibration)
         probs = softmax(out.logits, calibrated["temperature"])
         is_positive = out.targets == positive_index

@@ -27,8 +27,10 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     epoch: int = 0,
     progress: bool = True,
+    ema: nn.Module | None = None,
 ) -> float:
-    """Train for one pass over `loader`; the scheduler steps per batch. Returns the mean loss."""
+    """Train for one pass over `loader`; the scheduler (and the EMA, if any) step per batch.
+    Returns the mean loss."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
@@ -43,6 +45,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
         if scheduler is not None:
             scheduler.step()
         total += loss.item() * len(targets)

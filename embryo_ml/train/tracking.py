@@ -63,11 +63,15 @@ def salted_hash(value: str, salt: str = "embryo-ml") -> str:
 class RunTracker:
     """An MLflow run as a context manager; marks the run FAILED if the block raises."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None = None):
+    def __init__(
+        self, tracking_uri: str | None, experiment: str, run_name: str | None = None,
+        run_id: str | None = None,
+    ):
+        """`run_id` continues an existing run (resume) instead of starting a new one."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
         self.run_name = run_name
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id
         self.experiment_id: str | None = None
 
     def __enter__(self) -> RunTracker:
@@ -75,7 +79,10 @@ class RunTracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         try:
             experiment = mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name)
+            if self.run_id:
+                run = mlflow.start_run(run_id=self.run_id)
+            else:
+                run = mlflow.start_run(run_name=self.run_name)
         except Exception as error:  # mlflow raises many types for a bad store
             raise TrackingError(f"cannot use MLflow store {self.tracking_uri}: {error}") from None
         self.experiment_id = experiment.experiment_id
