@@ -248,3 +248,14 @@ def test_binary_labels_derived_from_gardner_grades(synth_data: Path, tmp_path: P
 
     with pytest.raises(DataError, match="row 5 .*4AD"):
         fit(cfg, tmp_path / "graded.csv", tmp_path / "run2", progress=False)
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(trained_run: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(trained_run["uri"])
+    run = client.get_run(trained_run["result"].run_id)
+    database = Path(trained_run["uri"].removeprefix("sqlite:///"))
+    assert run.info.artifact_uri.startswith((database.parent / "mlartifacts").as_uri())
+    assert (database.parent / "mlartifacts").is_dir()
+    assert not (Path.cwd() / "mlruns").exists()

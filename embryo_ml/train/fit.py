@@ -57,7 +57,12 @@ from embryo_ml.train.state import (
     restore_rng_state,
     rng_state,
 )
-from embryo_ml.train.tracking import RunTracker, git_commit
+from embryo_ml.train.tracking import (
+    RunTracker,
+    check_reachable,
+    git_commit,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +188,7 @@ def fit(
     if cfg.labels.task == "gardner":
         raise ConfigError("labels.task=gardner: training the Gardner multi-task head is not "
                           "available yet; use labels.task=binary (optionally from_grade: true)")
+    check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))  # before any heavy work
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / LAST_NAME) if resume else None
     table = load_table(source)

@@ -60,6 +60,25 @@ def salted_hash(value: str, salt: str = "embryo-ml") -> str:
     return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16]
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database (`<db folder>/mlartifacts`),
+    not in MLflow's default `./mlruns` of whatever folder the command ran in."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides (and serves) its own artifact store
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.resolve().parent / "mlartifacts").as_uri()
+
+
+def _create_experiment(uri: str, name: str) -> None:
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_root(uri))
+        except mlflow.exceptions.MlflowException:
+            if client.get_experiment_by_name(name) is None:  # not a concurrent creation
+                raise
+
+
 class RunTracker:
     """An MLflow run as a context manager; marks the run FAILED if the block raises."""
 
@@ -78,6 +97,7 @@ class RunTracker:
         check_reachable(self.tracking_uri)
         mlflow.set_tracking_uri(self.tracking_uri)
         try:
+            _create_experiment(self.tracking_uri, self.experiment)
             experiment = mlflow.set_experiment(self.experiment)
             if self.run_id:
                 run = mlflow.start_run(run_id=self.run_id)

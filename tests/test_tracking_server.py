@@ -1,0 +1,249 @@
+"""Tracking over HTTP: a real `mlflow server` on localhost, and an unreachable one.
+
+The server runs for this module only (sqlite backend, artifacts proxied by the server into a tmp
+folder), so these tests exercise the REST client and artifact upload/download over HTTP, not the
+local sqlite path the rest of the suite uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from embryo_ml.cli import main
+from embryo_ml.config import load_config
+from embryo_ml.errors import TrackingError
+from embryo_ml.train.fit import fit
+from embryo_ml.train.tracking import run_summary
+from tests.conftest import TINY_MODEL
+
+SERVER_START_TIMEOUT_S = 60.0
+EXPERIMENT = "server-test"
+
+
+def _free_port() -> int:
+    """A port nothing listens on right now (the OS picks it; the socket is closed again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _mlflow_command() -> list[str]:
+    script = Path(sys.executable).with_name("mlflow")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "mlflow"]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Terminate the server's whole process group (mlflow -> uvicorn worker), then reap it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    # Children may outlive the leader; make sure none is left in the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A real MLflow tracking server on 127.0.0.1; yields its URL and its folders."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    artifacts = root / "artifacts"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # MLflow 3 also starts a job runner with ~7 huey consumer processes by default; the
+    # tracking API does not need it, and on two cores it only slows the start down.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    command = [*_mlflow_command(), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
+               "--artifacts-destination", str(artifacts)]
+    stdout_path, stderr_path = root / "server.out", root / "server.err"
+    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=stdout, stderr=stderr,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                state = (f"exited with status {process.returncode}" if process.poll() is not None
+                         else f"no answer on {url}/health after {SERVER_START_TIMEOUT_S:.0f} s")
+                tail = _tail(stderr_path)
+                print(f"mlflow server stderr (tail):\n{tail}", file=sys.stderr)
+                pytest.skip(f"mlflow server could not start ({state}); stderr tail:\n{tail}")
+            time.sleep(0.5)
+        yield {"url": url, "root": root, "artifacts": artifacts, "process": process}
+    finally:
+        _stop(process)
+        mlflow.set_tracking_uri(None)  # RunTracker set the global URI to this dead server
+
+
+@pytest.fixture(scope="module")
+def server_run(mlflow_server: dict, synth_data: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 2-epoch run of the tiny model, tracked on the server over HTTP."""
+    url = mlflow_server["url"]
+    cfg = load_config(None, [
+        f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=2",
+        "train.batch_size=16", f"tracking.tracking_uri={url}", f"tracking.experiment={EXPERIMENT}",
+    ])
+    run_dir = tmp_path_factory.mktemp("server-run") / "run"
+    result = fit(cfg, synth_data, run_dir, progress=False)
+    return {"result": result, "run_dir": run_dir, "url": url}
+
+
+def test_run_is_tracked_on_the_server_over_http(
+    server_run: dict, mlflow_server: dict, tmp_path: Path
+) -> None:
+    url, run_id, run_dir = server_run["url"], server_run["result"].run_id, server_run["run_dir"]
+    assert server_run["result"].tracking_uri == url
+    client = mlflow.MlflowClient(url)
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # exactly one run, and it is ours
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # Artifacts went through the server's proxy, not straight to a local path.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+
+    summary = run_summary(run_id, url)
+    assert summary["status"] == "FINISHED"
+    assert summary["params"]["model.name"] == TINY_MODEL
+    assert summary["params"]["train.epochs"] == "2"
+    history = client.get_metric_history(run_id, "val_auc")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert all(0.0 <= m.value <= 1.0 for m in history)
+    assert summary["history"]["val_auc"] == pytest.approx([m.value for m in history])
+    for artifact in ("plots/roc_curve.png", "checkpoint/best.pt", "metrics.json",
+                     "config.yaml", "history.csv"):
+        assert artifact in summary["artifacts"], artifact
+
+    # The bytes the client downloads over HTTP are the run folder's file, byte for byte ...
+    local = (run_dir / "metrics.json").read_bytes()
+    downloaded = Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path)))
+    assert downloaded.read_bytes() == local
+    # ... also through the server's plain HTTP artifact route ...
+    query = urllib.parse.urlencode({"path": "metrics.json", "run_uuid": run_id})
+    with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=10) as response:
+        assert response.read() == local
+    assert json.loads(local)["run_id"] == run_id
+    # ... and the server stored the upload in its own artifacts destination and database.
+    assert (mlflow_server["root"] / "srv.db").is_file()
+    stored = list(mlflow_server["artifacts"].rglob("best.pt"))
+    assert len(stored) == 1
+    assert stored[0].read_bytes() == (run_dir / "best.pt").read_bytes()
+
+
+def test_no_patient_id_reaches_the_server(server_run: dict, synth_data: Path,
+                                          tmp_path: Path) -> None:
+    manifest = pd.read_csv(synth_data, dtype={"patient_id": str})
+    patient_ids = set(manifest["patient_id"])
+    assert len(patient_ids) >= 10
+    assert all(re.fullmatch(r"P\d{4}", pid) for pid in patient_ids)
+
+    url, run_id = server_run["url"], server_run["result"].run_id
+    summary = run_summary(run_id, url)
+    assert summary["params"] and summary["tags"] and summary["artifacts"]
+    logged = {
+        "param": [f"{k}={v}" for k, v in summary["params"].items()],
+        "tag": [f"{k}={v}" for k, v in summary["tags"].items()],
+        "artifact name": summary["artifacts"],
+    }
+    # The text artifacts' contents too (the image file names carry the patient id).
+    client = mlflow.MlflowClient(url)
+    texts = [a for a in summary["artifacts"] if a.endswith((".json", ".yaml", ".csv", ".txt"))]
+    assert "metrics.json" in texts
+    logged["artifact content"] = [
+        Path(client.download_artifacts(run_id, name, str(tmp_path))).read_text(encoding="utf-8")
+        for name in texts
+    ]
+    leaks = [(kind, pid) for kind, values in logged.items() for value in values
+             for pid in patient_ids if pid in value]
+    assert not leaks, leaks
+    assert summary["tags"]["data.n_images"] == str(len(manifest))
+
+
+def _unreachable_url() -> str:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    assert not _healthy(url), f"something listens on {url}"
+    return url
+
+
+def test_unreachable_server_fails_fast_before_training(
+    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    url = _unreachable_url()
+    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32",
+                             "train.epochs=2", "train.batch_size=16",
+                             f"tracking.tracking_uri={url}", f"tracking.experiment={EXPERIMENT}"])
+    run_dir = tmp_path / "run"
+    started = time.perf_counter()
+    with pytest.raises(TrackingError, match="unreachable") as caught:
+        fit(cfg, synth_data, run_dir, progress=False)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 10.0, f"took {elapsed:.1f} s to notice the server is down"
+    assert url in str(caught.value)
+    assert not (run_dir / "best.pt").exists()  # no training happened
+    assert not (run_dir / "run_id.txt").exists()  # and no run was started
+
+
+def test_cli_unreachable_server_is_one_error_line(
+    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    url = _unreachable_url()
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    status = main(["-q", "train", "--data", str(synth_data), "--out", str(out),
+                   "--set", f"model.name={TINY_MODEL}", "--set", "data.image_size=32",
+                   "--set", "train.epochs=1", "--set", f"tracking.tracking_uri={url}"])
+    elapsed = time.perf_counter() - started
+    captured = capsys.readouterr()
+    assert status == 2
+    assert elapsed < 10.0, f"took {elapsed:.1f} s"
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, captured.err
+    assert "unreachable" in errors[0] and url in errors[0]
+    assert "Traceback" not in captured.err
+    assert "MLflow run id" not in captured.out
+    assert not (out / "best.pt").exists()
+
