@@ -55,6 +55,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from embryo_ml.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    data = args.data or cfg.data.manifest
+    if data is None:
+        raise EmbryoMLError("no data: pass --data or set data.manifest")
+    from embryo_ml.train.cv import cross_validate, format_summary
+
+    out = args.out or Path("runs") / ("cv-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    result = cross_validate(cfg, data, args.folds, out, args.splits, progress=not args.quiet)
+    print(format_summary(result.summary))
+    print(f"out-of-fold predictions: {out / 'oof_predictions.csv'}")
+    print(f"MLflow parent run id: {result.parent_run_id}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from embryo_ml.export.onnx_export import export_bundle
 
@@ -166,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("cv", help="grouped k-fold cross-validation (MLflow parent + fold runs)")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--data", type=Path, help="manifest CSV or folder-per-class tree")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--splits", type=Path, help="splits.csv from `data split` (its folds)")
+    p.add_argument("--out", type=Path, help="folder (default runs/cv-<timestamp>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_cv)
 
     p = sub.add_parser("export", help="export a run's best checkpoint as a scoring bundle")
     p.add_argument("run_dir", type=Path)

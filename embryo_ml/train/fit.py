@@ -178,10 +178,13 @@ def _train_sampler(
 def fit(
     cfg: Config, data: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str],
     progress: bool = True, resume: bool = False,
+    split: tuple[np.ndarray, np.ndarray] | None = None, nested: bool = False,
 ) -> FitResult:
     """Train one model as `cfg` says; return the MLflow run id and final validation metrics.
 
-    `resume=True` continues the run in `run_dir` from its `last.pt` (same MLflow run)."""
+    `resume=True` continues the run in `run_dir` from its `last.pt` (same MLflow run).
+    `split` gives (train, validation) row indices instead of the grouped split (a CV fold);
+    `nested` logs the run as a child of the active MLflow run."""
     source = data or cfg.data.manifest
     if source is None:
         raise ConfigError("no training data: pass --data or set data.manifest")
@@ -196,7 +199,10 @@ def fit(
     classes, targets = labelled.classes, labelled.y
     table = table.assign(label=labelled.labels)  # what the split stratifies and hashes
     positive_index = classes.index(cfg.data.positive_class)
-    train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
+    if split is None:
+        train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
+    else:
+        (train_idx, val_idx), group_column = split, "given"
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -264,7 +270,7 @@ def fit(
         log.info("resuming %s at epoch %d (best so far: epoch %d)", run_dir, first_epoch,
                  best_epoch)
     with RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                    run_name=run_dir.name, run_id=run_id) as tracker:
+                    run_name=run_dir.name, run_id=run_id, nested=nested) as tracker:
         if state is None:
             tracker.log_params(cfg.flat())
             tracker.log_params({"data.classes": ",".join(classes),
@@ -340,6 +346,8 @@ def fit(
                                     "label": [classes[t] for t in out.targets]})
         for i, name in enumerate(classes):
             predictions[f"p_{name}"] = probs[:, i]
+        predictions["label_pred"] = [classes[i] for i in predict_classes(
+            probs, positive_index, calibrated["threshold"])]
         predictions.to_csv(run_dir / "val_predictions.csv", index=False)
 
         tracker.log_metrics({f"best_{k}": v for k, v in final.items()

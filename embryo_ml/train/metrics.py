@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 from sklearn.metrics import (
+    average_precision_score,
     balanced_accuracy_score,
     confusion_matrix,
     f1_score,
@@ -33,6 +34,7 @@ def binary_metrics(
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     return {
         "auc": float(roc_auc_score(y_true, p_positive)) if both else math.nan,
+        "pr_auc": float(average_precision_score(y_true, p_positive)) if both else math.nan,
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if both else math.nan,
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
         "sensitivity": float(tp / (tp + fn)) if tp + fn else math.nan,

@@ -84,9 +84,11 @@ class RunTracker:
 
     def __init__(
         self, tracking_uri: str | None, experiment: str, run_name: str | None = None,
-        run_id: str | None = None,
+        run_id: str | None = None, nested: bool = False,
     ):
-        """`run_id` continues an existing run (resume) instead of starting a new one."""
+        """`run_id` continues an existing run (resume) instead of starting a new one;
+        `nested` makes the run a child of the active one (cross-validation folds)."""
+        self.nested = nested
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
         self.run_name = run_name
@@ -100,9 +102,9 @@ class RunTracker:
             _create_experiment(self.tracking_uri, self.experiment)
             experiment = mlflow.set_experiment(self.experiment)
             if self.run_id:
-                run = mlflow.start_run(run_id=self.run_id)
+                run = mlflow.start_run(run_id=self.run_id, nested=self.nested)
             else:
-                run = mlflow.start_run(run_name=self.run_name)
+                run = mlflow.start_run(run_name=self.run_name, nested=self.nested)
         except Exception as error:  # mlflow raises many types for a bad store
             raise TrackingError(f"cannot use MLflow store {self.tracking_uri}: {error}") from None
         self.experiment_id = experiment.experiment_id
