@@ -259,3 +259,39 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(trained_run: dict) -> 
     assert run.info.artifact_uri.startswith((database.parent / "mlartifacts").as_uri())
     assert (database.parent / "mlartifacts").is_dir()
     assert not (Path.cwd() / "mlruns").exists()
+
+
+def test_scores_carry_quality_flags_from_the_bundle(
+    bundle_dir: Path, synth_data: Path, tmp_path: Path
+) -> None:
+    import cv2
+
+    from embryo_ml.data.images import read_image
+
+    bundle = read_bundle(bundle_dir)
+    assert bundle.quality and bundle.quality["blur_min"] > 0
+    assert bundle.quality["ood_energy_max"] is not None
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    clean = sorted((synth_data.parent / "images").rglob("*.png"))[:12]
+    for image in clean:
+        shutil.copy(image, folder / image.name)
+    embryo = read_image(clean[0])
+    Image.fromarray(cv2.GaussianBlur(embryo, (0, 0), 6)).save(folder / "x_blurred.png")
+    Image.fromarray((embryo * 0.12).astype(np.uint8)).save(folder / "x_dark.png")
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(folder / "x_blank.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "x_noise.png")
+    board = ((np.indices((64, 64)).sum(axis=0) // 8) % 2 * 255).astype(np.uint8)
+    Image.fromarray(board).save(folder / "x_checkerboard.png")
+    out = tmp_path / "s.csv"
+    score_images(folder, bundle_dir, out, progress=False)
+    scores = pd.read_csv(out, keep_default_na=False).set_index("path")
+    flags = {p: set(f.split(";")) - {""} for p, f in scores["flags"].items()}
+    assert (scores["status"] == "ok").all()  # flagged images keep their score
+    assert "blurry" in flags["x_blurred.png"]
+    assert "under_exposed" in flags["x_dark.png"]
+    for name in ("x_blank.png", "x_noise.png", "x_checkerboard.png"):
+        assert "no_embryo" in flags[name], name
+    pixel_flags = {"blurry", "under_exposed", "over_exposed", "no_embryo"}
+    assert all(not (flags[image.name] & pixel_flags) for image in clean)

@@ -43,6 +43,7 @@ class Bundle:
     threshold: float = 0.5
     run_id: str | None = None
     val_metrics: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] | None = None  # QualityThresholds.to_dict(); None = no pixel flags
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE

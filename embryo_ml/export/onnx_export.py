@@ -102,6 +102,8 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
     size = int(checkpoint["image_size"])
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    quality_path = run_dir / "quality.json"
+    quality = json.loads(quality_path.read_text()) if quality_path.is_file() else None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -117,7 +119,8 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
             threshold=float(metrics.get("threshold", 0.5)), run_id=checkpoint.get("run_id"),
             val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")}
             | {"parity_max_abs_diff": difference, "best_epoch": checkpoint["epoch"]},
-            versions=package_versions(), created=datetime.now(UTC).isoformat(timespec="seconds"),
+            quality=quality, versions=package_versions(),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         write_bundle_json(bundle, staging)
         read_bundle(staging)  # what we wrote must pass the same check the scorer applies

@@ -28,6 +28,7 @@ from embryo_ml.errors import DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
 from embryo_ml.numeric import softmax
 from embryo_ml.score.cohort import rank_in_cohort
+from embryo_ml.score.quality import QualityThresholds, image_flags, join_flags, logit_flags
 from embryo_ml.score.writers import CsvRowWriter
 
 
@@ -106,6 +107,7 @@ class OnnxScorer:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.bundle = bundle
         self.max_pixels = max_pixels
+        self.quality = QualityThresholds.from_dict(bundle.quality) if bundle.quality else None
         self.session = ort.InferenceSession(
             str(bundle.model_path), options, providers=["CPUExecutionProvider"]
         )
@@ -114,26 +116,42 @@ class OnnxScorer:
         b = self.bundle
         return preprocess(image, b.input_size, b.mean, b.std)
 
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, C) raw logits."""
+        return self.session.run([self.bundle.output_name], {self.bundle.input_name: batch})[0]
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) calibrated class probabilities."""
-        logits = self.session.run([self.bundle.output_name], {self.bundle.input_name: batch})[0]
-        return softmax(logits, self.bundle.temperature)
+        return softmax(self.logits(batch), self.bundle.temperature)
+
+    def image_flags(self, image: np.ndarray) -> list[str]:
+        return image_flags(image, self.quality) if self.quality else []
+
+    def logit_flags(self, logits: np.ndarray) -> list[list[str]]:
+        if self.quality is None:
+            return [[] for _ in logits]
+        return logit_flags(logits, self.quality)
 
 
-def _load(scorer: OnnxScorer, item: ScoreItem) -> tuple[ScoreItem, np.ndarray | None, str]:
+Loaded = tuple[ScoreItem, np.ndarray | None, str, list[str]]
+
+
+def _load(scorer: OnnxScorer, item: ScoreItem) -> Loaded:
+    """Decode, check image quality and preprocess one image (runs in a worker thread)."""
     try:
-        return item, scorer.prepare(read_image(item.file, scorer.max_pixels)), "ok"
+        image = read_image(item.file, scorer.max_pixels)
+        return item, scorer.prepare(image), "ok", scorer.image_flags(image)
     except ImageReadError as error:
-        return item, None, f"unreadable: {error.reason}"
+        return item, None, f"unreadable: {error.reason}", []
     except Exception as error:  # a decoder bug must not stop a clinic's whole folder
-        return item, None, f"unreadable: {error.__class__.__name__}: {error}"
+        return item, None, f"unreadable: {error.__class__.__name__}: {error}", []
 
 
 def _prefetch(
     scorer: OnnxScorer, items: Iterator[ScoreItem], pool: ThreadPoolExecutor, depth: int
-) -> Iterator[tuple[ScoreItem, np.ndarray | None, str]]:
+) -> Iterator[Loaded]:
     """Decode ahead in threads, at most `depth` images in flight (bounded memory)."""
-    queue: deque[Future[tuple[ScoreItem, np.ndarray | None, str]]] = deque()
+    queue: deque[Future[Loaded]] = deque()
     for item in items:
         queue.append(pool.submit(_load, scorer, item))
         if len(queue) >= depth:
@@ -142,17 +160,22 @@ def _prefetch(
         yield queue.popleft().result()
 
 
-def _rows(scorer: OnnxScorer, batch: list[tuple[ScoreItem, np.ndarray | None, str]]) -> list[dict]:
+def _rows(scorer: OnnxScorer, batch: list[Loaded]) -> list[dict]:
     bundle = scorer.bundle
-    good = [i for i, (_, tensor, _) in enumerate(batch) if tensor is not None]
-    probs = scorer.probabilities(np.stack([batch[i][1] for i in good])) if good else None
+    good = [i for i, loaded in enumerate(batch) if loaded[1] is not None]
+    probs, model_flags = None, []
+    if good:
+        logits = scorer.logits(np.stack([batch[i][1] for i in good]))
+        probs = softmax(logits, bundle.temperature)
+        model_flags = scorer.logit_flags(logits)
     rows = []
-    for position, (item, _, status) in enumerate(batch):
+    for position, (item, _, status, pixel_flags) in enumerate(batch):
         row: dict[str, object] = {"path": item.path, "status": status, "flags": "",
                                   "patient_id": item.patient_id, "embryo_id": item.embryo_id,
                                   "rank_in_cohort": ""}
         if probs is not None and position in good:
             p = probs[good.index(position)]
+            row["flags"] = join_flags(pixel_flags + model_flags[good.index(position)])
             score = float(p[bundle.positive_index])
             if len(bundle.classes) == 2:
                 negative = bundle.classes[1 - bundle.positive_index]
@@ -189,7 +212,7 @@ def score_images(
 
         bar = tqdm(desc="scoring", unit="img")
     with CsvRowWriter(out, columns) as writer, ThreadPoolExecutor(workers) as pool:
-        batch: list[tuple[ScoreItem, np.ndarray | None, str]] = []
+        batch: list[Loaded] = []
         stream = _prefetch(scorer, items, pool, depth=batch_size * 2)
         for loaded in chain(stream, [None]):
             if loaded is not None:

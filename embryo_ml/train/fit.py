@@ -28,6 +28,7 @@ import embryo_ml
 from embryo_ml.config import CalibrationConfig, Config, save_config
 from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.dataset import EmbryoImageDataset
+from embryo_ml.data.images import read_image
 from embryo_ml.data.labels import build_targets
 from embryo_ml.data.manifest import load_table
 from embryo_ml.data.splits import grouped_split
@@ -40,6 +41,7 @@ from embryo_ml.report.plots import (
     roc_figure,
     training_curves_figure,
 )
+from embryo_ml.score.quality import QualityThresholds, fit_thresholds
 from embryo_ml.train.calibration import (
     brier_score,
     choose_threshold,
@@ -65,6 +67,7 @@ from embryo_ml.train.tracking import (
 )
 
 log = logging.getLogger(__name__)
+QUALITY_NAME = "quality.json"
 
 
 @dataclass
@@ -140,6 +143,18 @@ def calibrate(
             "val_ece_after": expected_calibration_error(is_positive, scaled),
             "val_brier_before": brier_score(is_positive, raw),
             "val_brier_after": brier_score(is_positive, scaled)}
+
+
+def quality_thresholds(
+    train_paths: list[str], val_logits: np.ndarray, seed: int, max_pixels: int,
+    sample: int = 300,
+) -> QualityThresholds:
+    """Image-quality limits for the bundle: focus from (a sample of) the training images,
+    the out-of-distribution energy limit from the validation logits."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(train_paths), min(sample, len(train_paths)), replace=False)
+    grays = (read_image(train_paths[i], max_pixels) for i in sorted(chosen))
+    return fit_thresholds(grays, val_logits)
 
 
 def predict_classes(probs: np.ndarray, positive_index: int, threshold: float) -> np.ndarray:
@@ -342,6 +357,8 @@ def fit(
                  "positive_class": cfg.data.positive_class,
                  "val_confusion_matrix": matrix.tolist(), "run_id": tracker.run_id}
         _write_json(final, run_dir / "metrics.json")
+        _write_json(quality_thresholds([paths[i] for i in train_idx], out.logits, cfg.seed,
+                                       max_pixels).to_dict(), run_dir / QUALITY_NAME)
         predictions = pd.DataFrame({"path": [paths[i] for i in val_idx],
                                     "label": [classes[t] for t in out.targets]})
         for i, name in enumerate(classes):
