@@ -72,6 +72,18 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_augment_preview(args: argparse.Namespace) -> int:
+    from embryo_ml.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from embryo_ml.report.preview import augment_preview
+
+    out = augment_preview(cfg, args.data, args.out, args.images, args.draws)
+    print(f"wrote {out}: each row one image, the original first, then {args.draws} "
+          "training augmentations")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from embryo_ml.export.onnx_export import export_bundle
 
@@ -192,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder (default runs/cv-<timestamp>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_cv)
+
+    p = sub.add_parser("augment-preview", help="grid of training augmentations (PNG)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("augment_preview.png"))
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--draws", type=int, default=7)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_augment_preview)
 
     p = sub.add_parser("export", help="export a run's best checkpoint as a scoring bundle")
     p.add_argument("run_dir", type=Path)
