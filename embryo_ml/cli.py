@@ -171,6 +171,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embryo-ml", description="Train, export and run IVF embryo image classifiers."
@@ -192,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run from its last.pt (same MLflow run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("cv", help="grouped k-fold cross-validation (MLflow parent + fold runs)")
@@ -202,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--splits", type=Path, help="splits.csv from `data split` (its folds)")
     p.add_argument("--out", type=Path, help="folder (default runs/cv-<timestamp>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_cv)
 
     p = sub.add_parser("augment-preview", help="grid of training augmentations (PNG)")
@@ -211,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("augment_preview.png"))
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--draws", type=int, default=7)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_augment_preview)
 
     p = sub.add_parser("export", help="export a run's best checkpoint as a scoring bundle")
