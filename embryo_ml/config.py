@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from embryo_ml.errors import ConfigError
+from embryo_ml.fileio import atomic_write_text
 
 
 class _Section(BaseModel):
@@ -231,7 +232,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config (every default filled in) so a run can be repeated exactly."""
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

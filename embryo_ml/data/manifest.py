@@ -16,6 +16,7 @@ import pandas as pd
 
 from embryo_ml.data.images import is_image_file
 from embryo_ml.errors import DataError
+from embryo_ml.fileio import atomic_write_text
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "embryo_id", "day", "focal_plane", "grade")
 ID_COLUMNS = ("patient_id", "embryo_id")
@@ -99,11 +100,7 @@ def load_labelled(source: str | os.PathLike[str]) -> pd.DataFrame:
 
 def write_manifest(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write atomically (temp name, then rename) so a reader never sees half a manifest."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, table.to_csv(index=False))
 
 
 def _collapse_groups(match: re.Match[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from embryo_ml.errors import BundleError
+from embryo_ml.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
@@ -75,11 +76,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def write_bundle_json(bundle: Bundle, folder: str | os.PathLike[str]) -> Path:
-    path = Path(folder) / BUNDLE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(bundle.to_json(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(folder) / BUNDLE_FILE,
+                             json.dumps(bundle.to_json(), indent=2) + "\n")
 
 
 def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:

@@ -26,6 +26,7 @@ from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import preprocess
 from embryo_ml.errors import DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
+from embryo_ml.fileio import atomic_write_text
 from embryo_ml.numeric import softmax
 from embryo_ml.score.cohort import rank_in_cohort
 from embryo_ml.score.quality import QualityThresholds, image_flags, join_flags, logit_flags
@@ -119,10 +120,6 @@ class OnnxScorer:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) raw logits."""
         return self.session.run([self.bundle.output_name], {self.bundle.input_name: batch})[0]
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, C) calibrated class probabilities."""
-        return softmax(self.logits(batch), self.bundle.temperature)
 
     def image_flags(self, image: np.ndarray) -> list[str]:
         return image_flags(image, self.quality) if self.quality else []
@@ -244,6 +241,4 @@ def _fill_ranks(path: Path) -> None:
         return
     scored = table.assign(score=pd.to_numeric(table["score"], errors="coerce"))
     table["rank_in_cohort"] = rank_in_cohort(scored).astype(str)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, table.to_csv(index=False))

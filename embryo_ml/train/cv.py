@@ -24,6 +24,7 @@ from embryo_ml.data.labels import build_targets
 from embryo_ml.data.manifest import load_table, read_manifest
 from embryo_ml.data.splits import group_keys, make_splits
 from embryo_ml.errors import DataError
+from embryo_ml.fileio import atomic_write_text
 from embryo_ml.train.fit import fit
 from embryo_ml.train.metrics import binary_metrics
 from embryo_ml.train.tracking import RunTracker
@@ -123,7 +124,8 @@ def cross_validate(
         oof = pd.concat(oof_parts, ignore_index=True)
         group_of = dict(zip(table["path"], groups))
         oof["group"] = [group_of[p] for p in oof["path"]]
-        oof.drop(columns="group").to_csv(out_dir / "oof_predictions.csv", index=False)
+        atomic_write_text(out_dir / "oof_predictions.csv",
+                          oof.drop(columns="group").to_csv(index=False))
         folds_table = pd.DataFrame(per_fold)
         rows = []
         for metric in SUMMARY_METRICS:
@@ -134,8 +136,8 @@ def cross_validate(
                          "ci_low": low, "ci_high": high,
                          **{f"fold{k}": v for k, v in enumerate(values)}})
         summary = pd.DataFrame(rows)
-        summary.to_csv(out_dir / "cv_summary.csv", index=False)
-        (out_dir / "cv_summary.json").write_text(json.dumps(
+        atomic_write_text(out_dir / "cv_summary.csv", summary.to_csv(index=False))
+        atomic_write_text(out_dir / "cv_summary.json", json.dumps(
             {"parent_run_id": parent.run_id, "folds": per_fold,
              "summary": summary.to_dict(orient="records")}, indent=2, default=float))
         parent.log_metrics({f"cv_{r['metric']}_{stat}": r[stat] for r in rows

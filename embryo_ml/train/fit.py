@@ -34,6 +34,7 @@ from embryo_ml.data.manifest import load_table
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import ConfigError
+from embryo_ml.fileio import atomic_write_text
 from embryo_ml.models import build_model, model_normalization
 from embryo_ml.report.plots import (
     confusion_matrix_figure,
@@ -123,9 +124,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 
 def calibrate(
@@ -315,7 +314,7 @@ def fit(
                    "epoch_seconds": time.perf_counter() - started}
             history.append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+            atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
             score = metrics["auc"] if not math.isnan(metrics["auc"]) else -out.loss
             if score > best_score:
                 best_score, best_epoch, stale = score, epoch, 0
