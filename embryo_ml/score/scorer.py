@@ -133,7 +133,7 @@ class OnnxScorer:
 Loaded = tuple[ScoreItem, np.ndarray | None, str, list[str]]
 
 
-def _load(scorer: OnnxScorer, item: ScoreItem) -> Loaded:
+def load_item(scorer: OnnxScorer, item: ScoreItem) -> Loaded:
     """Decode, check image quality and preprocess one image (runs in a worker thread)."""
     try:
         image = read_image(item.file, scorer.max_pixels)
@@ -150,14 +150,16 @@ def _prefetch(
     """Decode ahead in threads, at most `depth` images in flight (bounded memory)."""
     queue: deque[Future[Loaded]] = deque()
     for item in items:
-        queue.append(pool.submit(_load, scorer, item))
+        queue.append(pool.submit(load_item, scorer, item))
         if len(queue) >= depth:
             yield queue.popleft().result()
     while queue:
         yield queue.popleft().result()
 
 
-def _rows(scorer: OnnxScorer, batch: list[Loaded]) -> list[dict]:
+def batch_rows(scorer: OnnxScorer, batch: list[Loaded]) -> list[dict]:
+    """Output rows (column -> text) for a batch of loaded images: one ONNX run for the
+    decodable ones, a status-only row for the others."""
     bundle = scorer.bundle
     good = [i for i, loaded in enumerate(batch) if loaded[1] is not None]
     probs, model_flags = None, []
@@ -215,7 +217,7 @@ def score_images(
             if loaded is not None:
                 batch.append(loaded)
             if batch and (loaded is None or len(batch) >= batch_size):
-                for row in _rows(scorer, batch):
+                for row in batch_rows(scorer, batch):
                     writer.write(row)
                     summary.n_images += 1
                     if row["status"] == "ok":
