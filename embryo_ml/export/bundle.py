@@ -45,6 +45,10 @@ class Bundle:
     run_id: str | None = None
     val_metrics: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] | None = None  # QualityThresholds.to_dict(); None = no pixel flags
+    # Extra output heads after the main classes in the same `logits` row (Gardner multi-task):
+    # name -> {"offset": first column, "classes": [...]}; e.g. expansion at columns 2..7.
+    # The main score always comes from logits[:, :len(classes)].
+    heads: dict[str, dict[str, Any]] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE
