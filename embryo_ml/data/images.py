@@ -8,6 +8,7 @@ and the reason, so callers can record it and carry on.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -77,29 +78,45 @@ def read_image(
         raise ImageReadError(path, f"cannot access file ({error.strerror})") from None
     if size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
+    return _decode(path, path, max_pixels)
+
+
+def read_image_bytes(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "<bytes>"
+) -> np.ndarray:
+    """`read_image` for an encoded image held in memory (e.g. posted to a model server);
+    `name` stands for the file in error messages."""
+    if not data:
+        raise ImageReadError(name, "empty image data (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: object, max_pixels: int) -> np.ndarray:
+    """The decoder behind `read_image` and `read_image_bytes`; `name` goes into errors."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageReadError(
-                    path, f"image too large ({width}x{height} pixels, limit {max_pixels})"
+                    name, f"image too large ({width}x{height} pixels, limit {max_pixels})"
                 )
             if getattr(image, "n_frames", 1) > 1:
-                warnings.warn(f"{path}: has {image.n_frames} pages, using the first", stacklevel=2)
+                warnings.warn(f"{name}: has {image.n_frames} pages, using the first",
+                              stacklevel=3)
             image.load()
             image = ImageOps.exif_transpose(image) or image
             array = _pil_to_rgb(image)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
+        raise ImageReadError(name, "not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError:
-        raise ImageReadError(path, "image too large (decompression bomb guard)") from None
+        raise ImageReadError(name, "image too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError) as error:
         reason = str(error) or error.__class__.__name__
         if "truncated" in reason.lower():
             reason = "truncated or corrupt image data"
-        raise ImageReadError(path, f"cannot decode image ({reason})") from None
+        raise ImageReadError(name, f"cannot decode image ({reason})") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageReadError(path, f"unexpected decoded shape {array.shape}")
+        raise ImageReadError(name, f"unexpected decoded shape {array.shape}")
     return np.ascontiguousarray(array)

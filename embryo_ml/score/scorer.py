@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image, read_image_bytes
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import preprocess
 from embryo_ml.errors import DataError, ImageReadError
@@ -41,6 +41,7 @@ class ScoreItem:
     file: str
     patient_id: str = ""
     embryo_id: str = ""
+    data: bytes | None = field(default=None, repr=False)  # encoded image in memory, not `file`
 
 
 @dataclass
@@ -136,7 +137,8 @@ Loaded = tuple[ScoreItem, np.ndarray | None, str, list[str]]
 def load_item(scorer: OnnxScorer, item: ScoreItem) -> Loaded:
     """Decode, check image quality and preprocess one image (runs in a worker thread)."""
     try:
-        image = read_image(item.file, scorer.max_pixels)
+        image = (read_image(item.file, scorer.max_pixels) if item.data is None
+                 else read_image_bytes(item.data, scorer.max_pixels, name=item.path))
         return item, scorer.prepare(image), "ok", scorer.image_flags(image)
     except ImageReadError as error:
         return item, None, f"unreadable: {error.reason}", []
