@@ -95,13 +95,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from embryo_ml.score.scorer import score_images
+    from embryo_ml.score.scorer import ScoringInterrupted, score_images
 
-    summary = score_images(args.images, args.bundle, args.out, batch_size=args.batch_size,
-                           workers=args.workers, threads=args.threads, progress=not args.quiet,
-                           max_pixels=args.max_pixels)
-    print(f"scored {summary.n_scored} of {summary.n_images} images in {summary.seconds:.1f}s "
-          f"({summary.images_per_second:.0f} images/s) -> {summary.out}")
+    try:
+        summary = score_images(args.images, args.bundle, args.out, batch_size=args.batch_size,
+                               workers=args.workers, threads=args.threads,
+                               progress=not args.quiet, max_pixels=args.max_pixels,
+                               resume=args.resume, tta=args.tta, aggregate=args.aggregate,
+                               embryo_pattern=args.embryo_pattern)
+    except ScoringInterrupted as stop:
+        kept = stop.summary.n_images + stop.summary.n_resumed
+        print(f"stopped: {kept} row(s) kept in {stop.summary.out}; run the same command with "
+              "--resume to score the rest", file=sys.stderr)
+        raise
+    resumed = f", {summary.n_resumed} already there" if summary.n_resumed else ""
+    print(f"scored {summary.n_scored} of {summary.n_images} images{resumed} in "
+          f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} images/s) -> {summary.out}")
+    print(f"{summary.n_embryos} embryo(s) -> {summary.embryos_out}")
     if summary.n_failed:
         print(f"{summary.n_failed} image(s) could not be scored (see the 'status' column):")
         for path, status in summary.failures[:10]:
@@ -226,7 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a folder (recursive) or a manifest CSV of images")
     p.add_argument("images", type=Path)
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=Path("scores.csv"))
+    p.add_argument("--out", type=Path, default=Path("scores.csv"),
+                   help="per-image scores; format by extension: .csv, .jsonl or .parquet. "
+                   "Per-embryo results go beside it: scores.csv -> scores.embryos.csv")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out and score only the images not in it")
+    p.add_argument("--tta", action="store_true",
+                   help="average the logits over the 8 flips/90-degree rotations")
+    p.add_argument("--aggregate", choices=["mean", "max"], default="mean",
+                   help="embryo score from its images' scores (default: mean)")
+    p.add_argument("--embryo-pattern", metavar="REGEX",
+                   help="regex searched in each image's path, named group embryo_id and "
+                   "optionally patient_id, e.g. '(?P<embryo_id>\\d+)_(?P<focal_plane>-?\\d+)'")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")

@@ -105,8 +105,9 @@ def test_score_folder_with_bad_files(bundle_dir: Path, synth_data: Path, tmp_pat
     out = tmp_path / "scores.csv"
     assert main(["-q", "score", str(folder), "--bundle", str(bundle_dir), "--out", str(out)]) == 0
     scores = pd.read_csv(out, keep_default_na=False)
-    assert list(scores.columns) == ["path", "status", "score", "label_pred", "p_good", "p_poor",
-                                    "flags", "embryo_id", "patient_id", "rank_in_cohort"]
+    assert list(scores.columns) == ["path", "status", "score", "display_score", "label_pred",
+                                    "p_good", "p_poor", "flags", "embryo_id", "patient_id",
+                                    "rank_in_cohort"]
     assert len(scores) == 14 and scores["path"].is_unique
     status = dict(zip(scores["path"], scores["status"]))
     assert status["corrupt.jpg"].startswith("unreadable:")

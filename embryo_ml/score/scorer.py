@@ -2,21 +2,58 @@
 
 Images are streamed (a folder is walked lazily, never listed with its pixels into memory). A file
 that cannot be decoded gets a row whose `status` says why, and the run goes on. Every batch's rows
-are flushed to disk before the next batch, so an interrupted run keeps what it finished. When all
-images are scored, embryos are ranked within each patient and the file is rewritten atomically
-with `rank_in_cohort` filled in.
+are flushed to disk before the next batch, so an interrupted run keeps what it finished; the
+output format (`.csv`, `.jsonl`, `.parquet`) and how each survives an interruption are described
+in `embryo_ml.score.writers`.
+
+Columns of an `ok` row:
+
+- `score`: the calibrated probability p of the positive class, softmax(logits / T)[positive] with
+  the bundle's temperature T, over the main classes only (`logits[:, :len(classes)]`).
+- `display_score`: p on a 1-10 scale for people, `clip(ceil(10 * p), 1, 10)`: "7" means a
+  calibrated probability above 60% and at most 70%; p = 0 and p = 0.1 show 1, p = 1 shows 10.
+- `label_pred`: the bundle's threshold applied to p (two classes), else the most probable class.
+- `p_<class>`: every main class's calibrated probability.
+- with Gardner heads in the bundle (`Bundle.heads`: extra logit columns after the main
+  classes): `<head>_pred`, the most probable class of each head, and `grade_pred` when
+  `expansion`, `icm` and `te` all exist: e.g. `4AB`, or just the expansion (`2`) below 3, where
+  ICM and TE cannot be assessed.
+- `flags`, `embryo_id`, `patient_id`, `rank_in_cohort` (see `embryo_ml.score.cohort`).
+
+Test-time augmentation (`tta=True`) scores the 8 symmetries of the square (4 rotations by 90
+degrees, each with and without a mirror flip) of the preprocessed image, averages their logits,
+then applies the bundle's temperature. Logits, not probabilities, are averaged so the result is
+again one logit vector and the calibration step stays the one fitted in validation,
+softmax(logits / T); averaging calibrated probabilities would instead feed the temperature's
+correction through a second, non-linear averaging. T was fitted on single-view logits and an
+average of views is usually a little less extreme, so TTA scores may be slightly under-confident;
+the `out_of_distribution` flag uses the unaugmented view, the one its threshold was fitted on.
+
+`--resume` skips images whose `path` is already in the output (after dropping a torn last record)
+and appends the rest. SIGINT (Ctrl-C) and SIGTERM request a clean stop: the batch in hand is
+finished and flushed, Parquet is converted, and `ScoringInterrupted` (a `KeyboardInterrupt`) is
+raised; a second signal stops at once, cutting the file back to its last complete batch. When all
+images are scored, embryos are aggregated and ranked, the scores file is rewritten (temp name,
+then rename) with `rank_in_cohort`, and the embryos table is written beside it
+(`scores.csv` -> `scores.embryos.csv`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,13 +61,22 @@ import pandas as pd
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image, read_image_bytes
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import preprocess
-from embryo_ml.errors import DataError, ImageReadError
+from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
-from embryo_ml.fileio import atomic_write_text
 from embryo_ml.numeric import softmax
-from embryo_ml.score.cohort import rank_in_cohort
+from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts, display_score
 from embryo_ml.score.quality import QualityThresholds, image_flags, join_flags, logit_flags
-from embryo_ml.score.writers import CsvRowWriter
+from embryo_ml.score.writers import (
+    embryos_path,
+    iter_file_rows,
+    output_format,
+    partial_path,
+    recover_rows,
+    row_writer,
+    write_table,
+)
+
+GARDNER_HEADS = ("expansion", "icm", "te")
 
 
 @dataclass(frozen=True)
@@ -47,23 +93,67 @@ class ScoreItem:
 @dataclass
 class ScoreSummary:
     out: Path
-    n_images: int = 0
+    n_images: int = 0  # scored in this call (ok or not)
     n_scored: int = 0
     n_failed: int = 0
+    n_resumed: int = 0  # rows already in the output (--resume), skipped
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    embryos_out: Path | None = None
+    n_embryos: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.n_images / self.seconds if self.seconds else 0.0
 
 
-def score_columns(classes: list[str]) -> list[str]:
-    return ["path", "status", "score", "label_pred", *[f"p_{c}" for c in classes], "flags",
+class ScoringInterrupted(KeyboardInterrupt):
+    """Raised after a clean stop (Ctrl-C, SIGTERM); `summary` counts the rows kept."""
+
+    def __init__(self, summary: ScoreSummary) -> None:
+        super().__init__(f"interrupted; {summary.n_images} new row(s) kept in {summary.out}")
+        self.summary = summary
+
+
+def head_columns(heads: dict[str, dict[str, Any]] | None) -> list[str]:
+    if not heads:
+        return []
+    gardner = ["grade_pred"] if all(h in heads for h in GARDNER_HEADS) else []
+    return [f"{name}_pred" for name in heads] + gardner
+
+
+def score_columns(classes: list[str], heads: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    return ["path", "status", "score", "display_score", "label_pred",
+            *[f"p_{c}" for c in classes], *head_columns(heads), "flags",
             "embryo_id", "patient_id", "rank_in_cohort"]
 
 
-def iter_items(source: str | os.PathLike[str]) -> Iterator[ScoreItem]:
+def compile_embryo_pattern(pattern: str) -> re.Pattern[str]:
+    """The `--embryo-pattern` regex; `ConfigError` (one line) if invalid or without `embryo_id`."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"--embryo-pattern is not a valid regular expression: {error}") from None
+    if "embryo_id" not in regex.groupindex:
+        raise ConfigError("--embryo-pattern needs a named group embryo_id, e.g. "
+                          "'(?P<embryo_id>\\d+)_(?P<focal_plane>-?\\d+)'")
+    return regex
+
+
+def apply_embryo_pattern(item: ScoreItem, regex: re.Pattern[str]) -> ScoreItem:
+    """Ids from the pattern searched in `item.path`; `patient_id` falls back to the manifest's.
+    A path the pattern does not match is an embryo of its own (no embryo id)."""
+    match = regex.search(item.path)
+    embryo = match.group("embryo_id") if match else None
+    if not embryo:
+        return replace(item, embryo_id="")
+    groups = match.groupdict()  # type: ignore[union-attr]
+    return replace(item, embryo_id=embryo, patient_id=groups.get("patient_id") or item.patient_id)
+
+
+def iter_items(
+    source: str | os.PathLike[str], embryo_pattern: re.Pattern[str] | str | None = None
+) -> Iterator[ScoreItem]:
     """Images to score from a folder (recursive) or a manifest CSV; raises `DataError` for a
     missing source or one with no images."""
     source = Path(source)
@@ -76,29 +166,45 @@ def iter_items(source: str | os.PathLike[str]) -> Iterator[ScoreItem]:
         table = read_manifest(source)
         raw = pd.read_csv(source, usecols=["path"], dtype="string", keep_default_na=False)
         items = (
-            ScoreItem(shown, file, _text(row, "patient_id"), _text(row, "embryo_id"))
-            for shown, file, row in zip(raw["path"], table["path"], table.to_dict("records"))
+            ScoreItem(shown, file, patient, embryo)
+            for shown, file, patient, embryo in zip(
+                raw["path"], table["path"], _column(table, "patient_id"),
+                _column(table, "embryo_id"))
         )
     elif source.exists():
         raise DataError(f"{source}: expected a folder of images or a manifest .csv")
     else:
         raise DataError(f"not found: {source}")
+    if embryo_pattern is not None:
+        regex = (compile_embryo_pattern(embryo_pattern) if isinstance(embryo_pattern, str)
+                 else embryo_pattern)
+        items = (apply_embryo_pattern(item, regex) for item in items)
     first = next(items, None)
     if first is None:
         raise DataError(f"{source}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
     return chain([first], items)
 
 
-def _text(row: dict[str, object], key: str) -> str:
-    value = row.get(key)
-    return "" if value is None or pd.isna(value) else str(value)
+def _column(table: pd.DataFrame, name: str) -> list[str]:
+    if name not in table.columns:
+        return [""] * len(table)
+    return ["" if pd.isna(v) else str(v) for v in table[name]]
+
+
+def dihedral_views(batch: np.ndarray) -> Iterator[np.ndarray]:
+    """The 8 symmetries of the square of an NCHW batch: rotations by 0, 90, 180, 270 degrees,
+    then the same of the mirror image. The identity comes first."""
+    for mirrored in (batch, batch[..., ::-1]):
+        for k in range(4):
+            yield np.ascontiguousarray(np.rot90(mirrored, k, axes=(2, 3)))
 
 
 class OnnxScorer:
     """An ONNX Runtime session for a verified bundle, with deliberate session options."""
 
     def __init__(
-        self, bundle: Bundle, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        self, bundle: Bundle, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+        tta: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -109,18 +215,38 @@ class OnnxScorer:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.bundle = bundle
         self.max_pixels = max_pixels
+        self.tta = tta
         self.quality = QualityThresholds.from_dict(bundle.quality) if bundle.quality else None
         self.session = ort.InferenceSession(
             str(bundle.model_path), options, providers=["CPUExecutionProvider"]
         )
+        self.width = _logit_width(bundle)
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if bundle.output_name not in outputs:
+            raise BundleError(f"bundle {bundle.path}: model has no output {bundle.output_name!r} "
+                              f"(outputs: {sorted(outputs)})")
+        declared = outputs[bundle.output_name].shape[-1]
+        if isinstance(declared, int):
+            _check_width(bundle, declared, self.width)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         b = self.bundle
         return preprocess(image, b.input_size, b.mean, b.std)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, C) raw logits."""
+        """(N, 3, S, S) float32 -> (N, C) raw logits of one view (no TTA)."""
         return self.session.run([self.bundle.output_name], {self.bundle.input_name: batch})[0]
+
+    def tta_logits(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean logits over the 8 `dihedral_views`, logits of the unaugmented view), float64."""
+        total, plain = None, None
+        for view in dihedral_views(batch):
+            logits = self.logits(view).astype(np.float64)
+            if plain is None:
+                plain, total = logits, logits.copy()
+            else:
+                total += logits
+        return total / 8.0, plain  # type: ignore[operator,return-value]
 
     def image_flags(self, image: np.ndarray) -> list[str]:
         return image_flags(image, self.quality) if self.quality else []
@@ -129,6 +255,41 @@ class OnnxScorer:
         if self.quality is None:
             return [[] for _ in logits]
         return logit_flags(logits, self.quality)
+
+
+def _logit_width(bundle: Bundle) -> int:
+    """Columns the `logits` output must have: the main classes, then every head's slice."""
+    width = len(bundle.classes)
+    for name, head in (bundle.heads or {}).items():
+        offset, classes = head.get("offset"), head.get("classes")
+        if not isinstance(offset, int) or offset < len(bundle.classes) or not classes:
+            raise BundleError(f"bundle {bundle.path}: head {name!r} needs an integer offset >= "
+                              f"{len(bundle.classes)} and a list of classes, got {head}")
+        width = max(width, offset + len(classes))
+    return width
+
+
+def _check_width(bundle: Bundle, actual: int, expected: int) -> None:
+    if actual < expected or (not bundle.heads and actual != expected):
+        raise BundleError(f"bundle {bundle.path}: the model gives {actual} logits per image, the "
+                          f"bundle describes {expected} ({len(bundle.classes)} classes"
+                          f"{' + heads' if bundle.heads else ''})")
+
+
+def _head_predictions(bundle: Bundle, logits: np.ndarray) -> list[dict[str, str]]:
+    heads = bundle.heads or {}
+    predicted: dict[str, list[str]] = {}
+    for name, head in heads.items():
+        offset, classes = head["offset"], [str(c) for c in head["classes"]]
+        chosen = logits[:, offset:offset + len(classes)].argmax(axis=1)
+        predicted[name] = [classes[int(j)] for j in chosen]
+    rows = [{f"{name}_pred": values[i] for name, values in predicted.items()}
+            for i in range(len(logits))]
+    if all(h in heads for h in GARDNER_HEADS):
+        for row, expansion, icm, te in zip(rows, *(predicted[h] for h in GARDNER_HEADS)):
+            row["grade_pred"] = (expansion if expansion.isdigit() and int(expansion) < 3
+                                 else f"{expansion}{icm}{te}")
+    return rows
 
 
 Loaded = tuple[ScoreItem, np.ndarray | None, str, list[str]]
@@ -160,33 +321,81 @@ def _prefetch(
 
 
 def batch_rows(scorer: OnnxScorer, batch: list[Loaded]) -> list[dict]:
-    """Output rows (column -> text) for a batch of loaded images: one ONNX run for the
-    decodable ones, a status-only row for the others."""
+    """Output rows (column -> text) for a batch of loaded images: one ONNX run (eight with TTA)
+    for the decodable ones, a status-only row for the others."""
     bundle = scorer.bundle
-    good = [i for i, loaded in enumerate(batch) if loaded[1] is not None]
-    probs, model_flags = None, []
+    n_classes = len(bundle.classes)
+    good = {position: i for i, position in
+            enumerate(p for p, loaded in enumerate(batch) if loaded[1] is not None)}
+    probs, model_flags, heads = None, [], []
     if good:
-        logits = scorer.logits(np.stack([batch[i][1] for i in good]))
-        probs = softmax(logits, bundle.temperature)
-        model_flags = scorer.logit_flags(logits)
+        pixels = np.stack([batch[p][1] for p in good])  # type: ignore[misc]
+        if scorer.tta:
+            logits, plain = scorer.tta_logits(pixels)
+        else:
+            logits = plain = scorer.logits(pixels)
+        _check_width(bundle, logits.shape[1], scorer.width)
+        probs = softmax(logits[:, :n_classes], bundle.temperature)
+        model_flags = scorer.logit_flags(plain[:, :n_classes])
+        heads = _head_predictions(bundle, logits) if bundle.heads else [{} for _ in good]
     rows = []
     for position, (item, _, status, pixel_flags) in enumerate(batch):
         row: dict[str, object] = {"path": item.path, "status": status, "flags": "",
                                   "patient_id": item.patient_id, "embryo_id": item.embryo_id,
                                   "rank_in_cohort": ""}
         if probs is not None and position in good:
-            p = probs[good.index(position)]
-            row["flags"] = join_flags(pixel_flags + model_flags[good.index(position)])
+            i = good[position]
+            p = probs[i]
+            row["flags"] = join_flags(pixel_flags + model_flags[i])
             score = float(p[bundle.positive_index])
-            if len(bundle.classes) == 2:
+            if n_classes == 2:
                 negative = bundle.classes[1 - bundle.positive_index]
                 label = bundle.positive_class if score >= bundle.threshold else negative
             else:
                 label = bundle.classes[int(p.argmax())]
-            row.update({"score": f"{score:.6f}", "label_pred": label,
-                        **{f"p_{c}": f"{v:.6f}" for c, v in zip(bundle.classes, p)}})
+            row.update({"score": f"{score:.6f}",
+                        "display_score": str(display_score(score)) if math.isfinite(score) else "",
+                        "label_pred": label,
+                        **{f"p_{c}": f"{v:.6f}" for c, v in zip(bundle.classes, p)},
+                        **heads[i]})
         rows.append(row)
     return rows
+
+
+class _StopRequest:
+    signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """SIGINT and SIGTERM ask for a clean stop at the next batch boundary; a second one raises
+    KeyboardInterrupt at once. Handlers are restored on exit; off the main thread (where Python
+    cannot install handlers) this does nothing and Ctrl-C arrives as KeyboardInterrupt."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.signum = signum
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is not signal.SIG_IGN:  # e.g. a background job ignores Ctrl-C: keep that
+            previous[signum] = current
+            signal.signal(signum, handler)
+    try:
+        yield stop
+    finally:
+        for signum, current in previous.items():
+            signal.signal(signum, current)
 
 
 def score_images(
@@ -198,51 +407,125 @@ def score_images(
     threads: int | None = None,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    resume: bool = False,
+    tta: bool = False,
+    aggregate: str = "mean",
+    embryo_pattern: str | None = None,
 ) -> ScoreSummary:
-    """Score every image in `source` with the bundle; write `out` (CSV) row by row."""
+    """Score every image in `source` with the bundle; write `out` (.csv, .jsonl or .parquet)
+    row by row, then its ranks and the embryos table (`embryos_path(out)`).
+
+    `resume`: keep the rows already in `out` and score only images not in it. `aggregate`:
+    "mean" or "max" of an embryo's image scores. `embryo_pattern`: regex with a named group
+    `embryo_id` (and optionally `patient_id`) searched in each image's path. Raises
+    `ScoringInterrupted` after a clean stop on Ctrl-C or SIGTERM."""
+    out = Path(out)
+    fmt = output_format(out)  # user errors first, before any work
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    regex = compile_embryo_pattern(embryo_pattern) if embryo_pattern is not None else None
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     bundle = read_bundle(bundle_dir)  # verifies the hash before anything else
-    items = iter_items(source)
-    scorer = OnnxScorer(bundle, threads, max_pixels)
-    summary = ScoreSummary(Path(out))
-    columns = score_columns(bundle.classes)
-    workers = workers or min(4, os.cpu_count() or 1)
+    items = iter_items(source, regex)
+    scorer = OnnxScorer(bundle, threads, max_pixels, tta=tta)
+    columns = score_columns(bundle.classes, bundle.heads)
+    cohorts = Cohorts(bundle.classes, bundle.positive_class, bundle.threshold, aggregate)
+    summary = ScoreSummary(out)
+    embryos_out = embryos_path(out)
+    embryos_out.unlink(missing_ok=True)  # a previous run's; written again when this one ends
+    log = partial_path(out) if fmt == "parquet" else out
     started = time.perf_counter()
+    if resume:
+        done: set[str] = set()
+        summary.n_resumed = _resume(out, log, columns, cohorts, done)
+        items = (item for item in items if item.path not in done)
+
+    workers = workers or min(4, os.cpu_count() or 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="scoring", unit="img")
-    with CsvRowWriter(out, columns) as writer, ThreadPoolExecutor(workers) as pool:
-        batch: list[Loaded] = []
-        stream = _prefetch(scorer, items, pool, depth=batch_size * 2)
-        for loaded in chain(stream, [None]):
-            if loaded is not None:
+        bar = tqdm(desc="scoring", unit="img", initial=summary.n_resumed)
+    writer = row_writer(out, columns, append=resume)
+    pool = ThreadPoolExecutor(workers)
+
+    def flush(batch: list[Loaded]) -> None:
+        for row in batch_rows(scorer, batch):
+            writer.write(row)
+            cohorts.add(row)
+            summary.n_images += 1
+            if row["status"] == "ok":
+                summary.n_scored += 1
+            else:
+                summary.n_failed += 1
+                summary.failures.append((str(row["path"]), str(row["status"])))
+        writer.flush()
+        if bar is not None:
+            bar.update(len(batch))
+
+    try:
+        with _stop_on_signals() as stop:
+            batch: list[Loaded] = []
+            for loaded in _prefetch(scorer, items, pool, depth=batch_size * 2):
                 batch.append(loaded)
-            if batch and (loaded is None or len(batch) >= batch_size):
-                for row in batch_rows(scorer, batch):
-                    writer.write(row)
-                    summary.n_images += 1
-                    if row["status"] == "ok":
-                        summary.n_scored += 1
-                    else:
-                        summary.n_failed += 1
-                        summary.failures.append((str(row["path"]), str(row["status"])))
-                writer.flush()
-                if bar is not None:
-                    bar.update(len(batch))
-                batch = []
-    if bar is not None:
-        bar.close()
-    _fill_ranks(Path(out))
+                if len(batch) >= batch_size or stop.requested:
+                    flush(batch)
+                    batch = []
+                if stop.requested:
+                    break
+            if batch and not stop.requested:
+                flush(batch)
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.close()
+    except BaseException as error:
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.close(complete=False)  # cut back to the last complete batch
+        _keep_parquet(fmt, out, log, columns)
+        summary.seconds = time.perf_counter() - started
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, ScoringInterrupted):
+            raise ScoringInterrupted(summary) from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.perf_counter() - started
+    if stop.requested:
+        _keep_parquet(fmt, out, log, columns)
+        raise ScoringInterrupted(summary)
+
+    cohorts.finish()
+    if fmt == "parquet" or cohorts.any_ranked:
+        write_table(out, columns, (_with_rank(row, cohorts) for row in iter_file_rows(log)))
+    if fmt == "parquet":
+        log.unlink(missing_ok=True)
+    write_table(embryos_out, EMBRYO_COLUMNS, cohorts.rows())
+    summary.embryos_out, summary.n_embryos = embryos_out, len(cohorts)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _fill_ranks(path: Path) -> None:
-    """Rewrite the finished file with `rank_in_cohort` (temp file + rename: never half a file)."""
-    table = pd.read_csv(path, dtype="string", keep_default_na=False)
-    if (table["patient_id"] == "").all():
-        return
-    scored = table.assign(score=pd.to_numeric(table["score"], errors="coerce"))
-    table["rank_in_cohort"] = rank_in_cohort(scored).astype(str)
-    atomic_write_text(path, table.to_csv(index=False))
+def _resume(out: Path, log: Path, columns: list[str], cohorts: Cohorts, done: set[str]) -> int:
+    """Read back the rows already scored (dropping a torn last record): their paths go to
+    `done`, their scores to `cohorts`. Ranks of a finished earlier run are cleared, so the file
+    never shows stale ranks if this run is interrupted too."""
+    ranked = False
+    for row in recover_rows(out, columns):
+        done.add(str(row["path"]))
+        cohorts.add(row)
+        ranked = ranked or row.get("rank_in_cohort") not in (None, "")
+    if ranked:
+        write_table(log, columns, ({**row, "rank_in_cohort": ""} for row in iter_file_rows(log)))
+    return len(done)
+
+
+def _with_rank(row: dict[str, Any], cohorts: Cohorts) -> dict[str, Any]:
+    rank = cohorts.rank_of(row)
+    return {**row, "rank_in_cohort": "" if rank is None else str(rank)}
+
+
+def _keep_parquet(fmt: str, out: Path, log: Path, columns: list[str]) -> None:
+    """After an interrupt: a valid Parquet `out` with every row so far (the sidecar stays)."""
+    if fmt == "parquet" and log.is_file():
+        write_table(out, columns, iter_file_rows(log))
