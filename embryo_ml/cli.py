@@ -85,12 +85,34 @@ def _cmd_augment_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    log_model = args.log_model or args.register is not None
+    uri = None
+    if log_model:
+        from embryo_ml.config import load_config
+        from embryo_ml.train.tracking import check_reachable, resolve_tracking_uri
+
+        # Default: the store the run was trained against (where the bundle's run id lives).
+        run_config = args.run_dir / "config.yaml"
+        trained_uri = None
+        if run_config.is_file():
+            trained_uri = load_config(run_config).tracking.tracking_uri
+        uri = resolve_tracking_uri(args.tracking_uri or trained_uri)
+        check_reachable(uri)  # before the export, not after it
     from embryo_ml.export.onnx_export import export_bundle
 
     bundle = export_bundle(args.run_dir, args.out)
     print(f"wrote bundle {bundle.path} ({bundle.architecture}, {bundle.input_size}px, "
           f"sha256 {bundle.sha256[:12]}..., ONNX/PyTorch max diff "
           f"{bundle.val_metrics['parity_max_abs_diff']:.1e})")
+    if log_model:
+        from embryo_ml.export.pyfunc import log_bundle_model
+
+        logged = log_bundle_model(bundle.path, registered_name=args.register, tracking_uri=uri)
+        print(f"logged MLflow model {logged.model_uri} (run {logged.run_id}, store {uri})")
+        if logged.version is not None:
+            print(f"registered model {logged.registered_name!r} version {logged.version}, "
+                  f"alias {logged.alias!r} -> version {logged.version} "
+                  f"(models:/{logged.registered_name}@{logged.alias})")
     return 0
 
 
@@ -231,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's best checkpoint as a scoring bundle")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--log-model", action="store_true",
+                   help="also log the bundle as an MLflow pyfunc model (into the training run)")
+    p.add_argument("--register", metavar="NAME",
+                   help="log and register the model as NAME; alias 'candidate' -> new version")
+    p.add_argument("--tracking-uri", help="MLflow store (default: the run's tracking.tracking_uri"
+                   ", else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("score", help="score a folder (recursive) or a manifest CSV of images")

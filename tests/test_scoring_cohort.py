@@ -26,7 +26,8 @@ def _row(patient: str, embryo: str, score: float | None, path: str = "", flags: 
 
 
 ROWS = [
-    _row("P1", "E1", 0.9, flags="blurry"), _row("P1", "E1", 0.1, flags="out_of_distribution;blurry"),
+    _row("P1", "E1", 0.9, flags="blurry"),
+    _row("P1", "E1", 0.1, flags="out_of_distribution;blurry"),
     _row("P1", "E2", 0.6, path="a"), _row("P1", "E2", 0.6, path="b"),
     _row("P1", "E3", 0.6),
     _row("P1", "E4", None),

@@ -1,4 +1,10 @@
-"""The only module that imports mlflow. Everything training logs goes through `RunTracker`.
+"""MLflow for training: everything training logs goes through `RunTracker`; the model registry
+goes through `register_model`.
+
+Two modules import mlflow: this one, and `embryo_ml.export.pyfunc`, which must subclass
+`mlflow.pyfunc.PythonModel` and call `mlflow.pyfunc.log_model` to make the scoring bundle an MLflow
+model (that cannot be done without mlflow). Runs, experiments, reachability and the registry stay
+here; the scoring path (`embryo_ml.score`, `embryo_ml.export.bundle`) imports neither.
 
 Default store: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working folder, which
 `mlflow ui --backend-store-uri sqlite:///mlflow.db` opens. A remote server is checked before any
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -168,3 +175,45 @@ def run_summary(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
             for key in run.data.metrics
         },
     }
+
+
+def run_experiment_name(run_id: str, tracking_uri: str | None = None) -> str | None:
+    """The experiment of `run_id`, or None when the store has no such run."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise TrackingError(f"cannot use MLflow store {uri}: {error.message}") from None
+    experiment = client.get_experiment(run.info.experiment_id)
+    return experiment.name if experiment is not None else None
+
+
+def register_model(
+    model_uri: str, name: str, alias: str | None = "candidate", tracking_uri: str | None = None,
+) -> str:
+    """Register `model_uri` (e.g. `models:/<model id>`) as a new version of `name` and point
+    `alias` at it (aliases, not stages: MLflow 3). Returns the new version number as text."""
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        # MLflow 3 logged models are `models:/m-<hex>`; other URIs (runs:/, a path) have no id.
+        rest = model_uri.removeprefix("models:/")
+        model_id = rest if rest != model_uri and re.fullmatch(r"m-[0-9a-f]+", rest) else None
+        run_id = client.get_logged_model(model_id).source_run_id if model_id else None
+        version = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                              model_id=model_id)
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+    except mlflow.exceptions.MlflowException as error:
+        raise TrackingError(f"cannot register {model_uri} as {name!r} in {uri}: "
+                            f"{error.message}") from None
+    return str(version.version)
