@@ -1,0 +1,248 @@
+"""The scoring bundle as an MLflow model: log it, register it, serve it with `mlflow models serve`.
+
+The model is logged *from code* (`pyfunc_model.py`, which only calls `mlflow.models.set_model`):
+no pickled Python object goes into the model, only the bundle folder as an artifact. Loading the
+model reads that bundle with `read_bundle` (SHA-256 verified) and builds the same `OnnxScorer`
+that `embryo-ml score` uses; rows are decoded and scored by the scorer's own `load_item` and
+`batch_rows`, so the MLflow model and the command line give the same numbers.
+
+Input: a DataFrame with a `path` column (image files readable where the model runs) and/or an
+`image_base64` column (an encoded image file, base64; a `data:image/...;base64,` prefix is
+accepted), and optionally `id` to name the rows. A row uses `image_base64` when it has one,
+else `path`. Output: one row per input row, in order: `id` (the input's id, else its index),
+`path`, `status` (`ok` or why the row was not scored), `score`, `label_pred`, `p_<class>...`,
+`flags`, and any further column the scorer adds. A bad row gets a status, never an exception.
+Scores of unscored rows are None (JSON null), not NaN.
+
+This module and `embryo_ml.train.tracking` are the two that import mlflow (see there).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS
+from embryo_ml.errors import DataError, TrackingError
+from embryo_ml.export.bundle import Bundle, read_bundle
+from embryo_ml.score.scorer import Loaded, OnnxScorer, ScoreItem, batch_rows, load_item
+
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME = "scoring_model"  # the logged model's name inside its run
+BUNDLE_ARTIFACT = "bundle"
+DEFAULT_EXPERIMENT = "embryo-ml"
+INPUT_COLUMNS = ("id", "path", "image_base64")
+# Cohort columns of the scores CSV: per-image requests carry no patient/embryo grouping.
+_COHORT_COLUMNS = ("embryo_id", "patient_id", "rank_in_cohort")
+_DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
+_REQUIREMENTS = ("numpy", "pandas", "pillow", "opencv-python-headless", "onnxruntime")
+
+
+def _is_numeric_column(name: str) -> bool:
+    return name == "score" or name.endswith("_score") or name.startswith("p_")
+
+
+def _number(text: object) -> int | float | None:
+    """A scorer cell ("0.513914", "5", "") as a JSON-safe number; None when empty or not finite."""
+    text = _cell(text)
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _cell(value: Any) -> str:
+    """A DataFrame cell as text; missing (None/NaN/NA) is ""."""
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").strip()
+    return str(value).strip()
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64 (whitespace and a data-URL prefix allowed); raises `ValueError`."""
+    text = re.sub(r"\s+", "", _DATA_URL.sub("", text.strip()))
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"invalid base64 ({error})") from None
+
+
+def _row_item(name: str, path: str, encoded: str) -> ScoreItem | Loaded:
+    """What to load for one input row, or its final status when there is nothing to load."""
+    if encoded:
+        try:
+            return ScoreItem(path=path, file="", data=decode_base64(encoded))
+        except ValueError as error:
+            return ScoreItem(path=path, file=""), None, f"unreadable: {error}", []
+    if path:
+        return ScoreItem(path=path, file=path)
+    return ScoreItem(path="", file=""), None, "no input: give a path or image_base64", []
+
+
+def predict_frame(scorer: OnnxScorer, frame: pd.DataFrame, batch_size: int = 32,
+                  workers: int = 4) -> pd.DataFrame:
+    """Score every row of `frame` (see the module docstring for the columns)."""
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    if not set(INPUT_COLUMNS[1:]) & set(frame.columns):
+        raise DataError(f"model input needs a 'path' or 'image_base64' column; got "
+                          f"{list(frame.columns)}")
+    missing = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    ids = [_cell(v) or str(i) for i, v in zip(frame.index, frame.get("id", missing))]
+    todo = [_row_item(name, _cell(path), _cell(encoded)) for name, path, encoded in zip(
+        ids, frame.get("path", missing), frame.get("image_base64", missing))]
+
+    def load(entry: ScoreItem | Loaded) -> Loaded:
+        return load_item(scorer, entry) if isinstance(entry, ScoreItem) else entry
+
+    rows: list[dict] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(todo), batch_size):
+            rows.extend(batch_rows(scorer, list(pool.map(load, todo[start:start + batch_size]))))
+    return _output_frame(rows, ids, frame.index, scorer.bundle)
+
+
+def _output_frame(rows: list[dict], ids: list[str], index: pd.Index, bundle: Bundle
+                  ) -> pd.DataFrame:
+    base = ["path", "status", "score", "label_pred", *[f"p_{c}" for c in bundle.classes], "flags"]
+    columns = base + [c for row in rows for c in row if c not in base]
+    columns = list(dict.fromkeys(c for c in columns if c not in _COHORT_COLUMNS))
+    out = pd.DataFrame(rows, columns=columns, index=index)
+    for column in out.columns:
+        if _is_numeric_column(column):
+            out[column] = pd.Series([_number(v) for v in out[column]], index=index, dtype=object)
+        else:
+            out[column] = out[column].fillna("").astype(str)
+    out.insert(0, "id", ids)
+    return out
+
+
+class BundleModel(PythonModel):
+    """The pyfunc model. `model_config` may set `threads` (ONNX Runtime), `batch_size`,
+    `workers` (decoding threads) and `max_pixels`."""
+
+    def load_context(self, context: Any) -> None:
+        config = dict(getattr(context, "model_config", None) or {})
+        self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT])  # verifies the hash
+        self.batch_size = int(config.get("batch_size", 32))
+        self.workers = int(config.get("workers", 4))
+        self.scorer = OnnxScorer(self.bundle, config.get("threads"),
+                                 int(config.get("max_pixels", DEFAULT_MAX_PIXELS)))
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return predict_frame(self.scorer, model_input, self.batch_size, self.workers)
+
+
+def example_image_base64(size: int = 64) -> str:
+    """A small PNG (a grey ring on a dark field), base64: the logged input example."""
+    from PIL import Image
+
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    radius = np.hypot(x, y)
+    image = np.where(np.abs(radius - size * 0.35) < size * 0.05, 180, 60).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(image[:, :, None], 3, axis=2)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def input_example() -> pd.DataFrame:
+    return pd.DataFrame({"id": ["example"], "image_base64": [example_image_base64()]})
+
+
+def model_signature(bundle: Bundle) -> ModelSignature:
+    inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
+    outputs = Schema(
+        [ColSpec("string", name) for name in ("id", "path", "status")]
+        + [ColSpec("double", "score", required=False), ColSpec("string", "label_pred")]
+        + [ColSpec("double", f"p_{c}", required=False) for c in bundle.classes]
+        + [ColSpec("string", "flags")]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pip_requirements() -> list[str]:
+    """What the model needs where it runs; embryo-ml itself must be installed there
+    (serve with `--env-manager local` from an environment that has it)."""
+    pins = [f"mlflow=={mlflow.__version__}"]
+    for name in ("embryo-ml", *_REQUIREMENTS):
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+@dataclass(frozen=True)
+class LoggedBundleModel:
+    model_uri: str  # models:/<model id>
+    run_id: str
+    experiment_id: str
+    registered_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+
+def log_bundle_model(
+    bundle_dir: str | Path, *, run_id: str | None = None, registered_name: str | None = None,
+    tracking_uri: str | None = None, alias: str = "candidate",
+) -> LoggedBundleModel:
+    """Log the bundle as a pyfunc model; register it (and point `alias` at it) if asked.
+
+    The model goes into `run_id`, else the bundle's training run when that run is in the store,
+    else a new run in experiment `embryo-ml`. Raises `BundleError` for a bad bundle and
+    `TrackingError` when the store cannot be used.
+    """
+    from embryo_ml.train import tracking  # not needed where the model is served
+
+    bundle = read_bundle(bundle_dir)  # verified before anything is logged
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    target = run_id or bundle.run_id
+    experiment = tracking.run_experiment_name(target, uri) if target else None
+    if run_id and experiment is None:
+        raise TrackingError(f"run {run_id} not found in MLflow store {uri}")
+    if experiment is None:
+        target, experiment = None, DEFAULT_EXPERIMENT
+    tags = {"embryo_ml.bundle_sha256": bundle.sha256, "embryo_ml.architecture":
+            bundle.architecture, "embryo_ml.training_run_id": bundle.run_id or ""}
+    with tracking.RunTracker(uri, experiment, run_name=None if target else "export",
+                             run_id=target) as tracker:
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(MODEL_CODE),
+                artifacts={BUNDLE_ARTIFACT: str(Path(bundle_dir).resolve())},
+                signature=model_signature(bundle), input_example=input_example(),
+                pip_requirements=pip_requirements(), tags=tags,
+                metadata={"classes": bundle.classes, "positive_class": bundle.positive_class,
+                          "bundle_sha256": bundle.sha256},
+            )
+        except mlflow.exceptions.MlflowException as error:
+            raise TrackingError(f"cannot log the model to {uri}: {error.message}") from None
+    result = LoggedBundleModel(info.model_uri, tracker.run_id or "", tracker.experiment_id or "")
+    if registered_name is None:
+        return result
+    version = tracking.register_model(info.model_uri, registered_name, alias, uri)
+    return LoggedBundleModel(result.model_uri, result.run_id, result.experiment_id,
+                             registered_name, version, alias)

@@ -1,0 +1,266 @@
+"""The scoring bundle as an MLflow pyfunc model: in-process, `mlflow models predict`,
+`mlflow models serve` over HTTP, and `embryo-ml export --register` with the `candidate` alias.
+
+Every prediction is checked against `score_images` (the `embryo-ml score` path) on the same files.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from embryo_ml.cli import main
+from embryo_ml.errors import BundleError
+from embryo_ml.export.bundle import read_bundle
+from embryo_ml.export.pyfunc import LoggedBundleModel, log_bundle_model
+from embryo_ml.score.scorer import score_images
+
+SERVE_START_TIMEOUT_S = 90.0
+TOLERANCE = 1e-6
+
+
+def _mlflow_cli() -> list[str]:
+    script = Path(sys.executable).with_name("mlflow")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "mlflow"]
+
+
+def _env(tracking_uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    # `mlflow models serve` starts `uvicorn` by name: the venv's bin must be on PATH (activated).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _forget_global_tracking_uri():
+    """`RunTracker` sets mlflow's process-wide URI; do not leak this module's store."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def images(synth_data: Path, bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Four synthetic images in one folder, and what `score_images` makes of them."""
+    folder = tmp_path_factory.mktemp("pyfunc-images")
+    sources = sorted((synth_data.parent / "images").rglob("*.png"))
+    files = []
+    for i, source in enumerate([sources[0], sources[1], sources[-1], sources[-2]]):
+        files.append(shutil.copy(source, folder / f"img{i}.png"))
+    out = folder.parent / "expected.csv"
+    score_images(folder, bundle_dir, out, progress=False, workers=1, threads=1)
+    expected = pd.read_csv(out, dtype="string", keep_default_na=False).set_index("path")
+    return {"files": [Path(f) for f in files], "expected": expected, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def logged(bundle_dir: Path, trained_run: dict) -> LoggedBundleModel:
+    return log_bundle_model(bundle_dir, tracking_uri=trained_run["uri"])
+
+
+def _request(images: dict) -> pd.DataFrame:
+    """3 paths + 1 base64 image + corrupt base64 + a missing file + an empty row."""
+    files = images["files"]
+    encoded = base64.b64encode(files[3].read_bytes()).decode("ascii")
+    return pd.DataFrame({
+        "id": ["first", "second", "b64", None, "bad-b64", "gone", "empty"],
+        "path": [str(files[0]), str(files[1]), None, str(files[2]), None,
+                 str(images["folder"] / "missing.png"), None],
+        "image_base64": [None, None, encoded, None, "not base64 at all!", None, None],
+    })
+
+
+def _strict_json(text: str | bytes) -> object:
+    """JSON as any client reads it: NaN/Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-JSON constant {constant} in the model's answer")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _check(predictions: pd.DataFrame, images: dict, classes: list[str]) -> None:
+    """Rows in input order; scored rows equal the CLI scorer's; bad rows carry a status."""
+    expected = images["expected"]
+    assert list(predictions["id"]) == ["first", "second", "b64", "3", "bad-b64", "gone", "empty"]
+    scored = {0: "img0.png", 1: "img1.png", 2: "img3.png", 3: "img2.png"}
+    for position, name in scored.items():
+        got, want = predictions.iloc[position], expected.loc[name]
+        assert got["status"] == "ok" == want["status"]
+        for column in ["score", *[f"p_{c}" for c in classes]]:
+            assert abs(float(got[column]) - float(want[column])) <= TOLERANCE, (name, column)
+        assert got["label_pred"] == want["label_pred"]
+        assert got["flags"] == want["flags"]
+    statuses = list(predictions["status"])
+    assert statuses[4].startswith("unreadable: invalid base64")
+    assert statuses[5] == "unreadable: file not found"
+    assert statuses[6].startswith("no input")
+    for position in (4, 5, 6):
+        assert predictions.iloc[position]["score"] is None or pd.isna(
+            predictions.iloc[position]["score"])
+
+
+def test_pyfunc_in_process_matches_the_scorer(
+    logged: LoggedBundleModel, images: dict, trained_run: dict, bundle_dir: Path
+) -> None:
+    uri = trained_run["uri"]
+    client = mlflow.MlflowClient(uri)
+    model_id = logged.model_uri.removeprefix("models:/")
+    # Logged into the training run named in bundle.json, with the bundle's hash as a tag.
+    assert logged.run_id == trained_run["result"].run_id == read_bundle(bundle_dir).run_id
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == logged.run_id
+    assert model.tags["embryo_ml.bundle_sha256"] == read_bundle(bundle_dir).sha256
+
+    mlflow.set_tracking_uri(uri)  # models:/ resolves through the global URI (reset after)
+    loaded = mlflow.pyfunc.load_model(logged.model_uri)
+    predictions = loaded.predict(_request(images))
+    _check(predictions, images, read_bundle(bundle_dir).classes)
+    schema = loaded.metadata.get_input_schema()
+    assert schema.input_names() == ["id", "path", "image_base64"]
+    # One column is enough: a paths-only frame.
+    only_paths = loaded.predict(pd.DataFrame({"path": [str(images["files"][0])]}))
+    assert list(only_paths["status"]) == ["ok"] and list(only_paths["id"]) == ["0"]
+    with pytest.raises(Exception, match="'path' or 'image_base64' column"):
+        loaded.predict(pd.DataFrame({"file": ["x.png"]}))
+
+
+def test_pyfunc_refuses_a_tampered_bundle(logged: LoggedBundleModel, trained_run: dict,
+                                          tmp_path: Path) -> None:
+    mlflow.set_tracking_uri(trained_run["uri"])  # models:/ resolves through the global URI
+    local = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path)))
+    onnx_files = list(local.rglob("model.onnx"))
+    assert len(onnx_files) == 1
+    with open(onnx_files[0], "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match="hash mismatch"):
+        mlflow.pyfunc.load_model(str(local))
+
+
+def test_log_bundle_model_refuses_a_bad_bundle(bundle_dir: Path, tmp_path: Path) -> None:
+    bad = shutil.copytree(bundle_dir, tmp_path / "bundle")
+    (bad / "model.onnx").write_bytes(b"not the model")
+    with pytest.raises(BundleError, match="hash mismatch"):
+        log_bundle_model(bad, tracking_uri=f"sqlite:///{tmp_path / 'unused.db'}")
+    assert not (tmp_path / "unused.db").exists()  # refused before touching the store
+
+
+@pytest.mark.slow
+def test_mlflow_models_predict_cli(logged: LoggedBundleModel, images: dict, trained_run: dict,
+                                   bundle_dir: Path, tmp_path: Path) -> None:
+    request = _request(images)
+    records = json.loads(request.to_json(orient="records"))
+    (tmp_path / "input.json").write_text(json.dumps({"dataframe_records": records}))
+    command = [*_mlflow_cli(), "models", "predict", "-m", logged.model_uri,
+               "-i", str(tmp_path / "input.json"), "-t", "json", "--env-manager", "local",
+               "-o", str(tmp_path / "out.json")]
+    done = subprocess.run(command, cwd=tmp_path, env=_env(trained_run["uri"]),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = _strict_json((tmp_path / "out.json").read_text())
+    predictions = answer["predictions"] if isinstance(answer, dict) else answer
+    _check(pd.DataFrame(predictions), images, read_bundle(bundle_dir).classes)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ping(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (mlflow -> uvicorn), then make sure none is left."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_invocations(logged: LoggedBundleModel, images: dict,
+                                         trained_run: dict, bundle_dir: Path,
+                                         tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [*_mlflow_cli(), "models", "serve", "-m", logged.model_uri, "-p", str(port),
+               "-h", "127.0.0.1", "-w", "1", "--env-manager", "local"]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=_env(trained_run["uri"]),
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+        while not _ping(url):
+            tail = log_path.read_text(errors="replace")[-3000:]
+            assert process.poll() is None, f"server exited ({process.returncode}):\n{tail}"
+            assert time.monotonic() < deadline, f"no /ping answer in time:\n{tail}"
+            time.sleep(0.5)
+        split = json.loads(_request(images).to_json(orient="split", index=False))
+        body = json.dumps({"dataframe_split": split}).encode()
+        post = urllib.request.Request(f"{url}/invocations", data=body, method="POST",
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=60) as response:
+            assert response.status == 200
+            answer = _strict_json(response.read())
+        _check(pd.DataFrame(answer["predictions"]), images, read_bundle(bundle_dir).classes)
+    finally:
+        _stop_group(process)
+    assert process.poll() is not None
+
+
+def test_export_register_sets_candidate_alias(trained_run: dict, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    name = "embryo-test-register"
+    uri = trained_run["uri"]  # the run's own store: `export` defaults to it
+    client = mlflow.MlflowClient(uri)
+    assert main(["-q", "export", str(trained_run["run_dir"]), "--out", str(tmp_path / "b1"),
+                 "--register", name]) == 0
+    out = capsys.readouterr().out
+    assert f"registered model '{name}' version 1, alias 'candidate' -> version 1" in out
+    first = client.get_model_version_by_alias(name, "candidate")
+    assert str(first.version) == "1"
+    assert first.run_id == trained_run["result"].run_id
+
+    second = log_bundle_model(tmp_path / "b1", registered_name=name, tracking_uri=uri)
+    assert second.version == "2"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "2"
+    assert client.get_model_version(name, "1").aliases == []
+
+
+def test_export_fails_fast_on_unreachable_tracking(trained_run: dict, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    code = main(["-q", "export", str(trained_run["run_dir"]), "--out", str(tmp_path / "b"),
+                 "--log-model", "--tracking-uri", dead])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "unreachable" in err
+    assert not (tmp_path / "b").exists()  # checked before the export
