@@ -51,7 +51,8 @@ class DataConfig(_Section):
 class LabelsConfig(_Section):
     """Which targets a run learns. `binary` reads the `label` column, or derives good/poor from
     the Gardner `grade` column when `from_grade` is true; `multiclass` uses every label value as a
-    class; `gardner` gives three targets (expansion, ICM, TE) with masks for the multi-task head."""
+    class; `gardner` learns good/poor from the grade (as `from_grade`) plus three grade heads
+    (expansion, ICM, TE; ICM/TE masked where not assessable) in one multi-task model."""
 
     task: Literal["binary", "multiclass", "gardner"] = "binary"
     column: str = "label"
@@ -101,6 +102,10 @@ class LossConfig(_Section):
     )
     focal_gamma: float = Field(0.0, ge=0.0, description="0 = cross-entropy; 2 = typical focal")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grade_weight: float = Field(
+        1.0, ge=0.0, description="labels.task=gardner: weight of each grade head's loss "
+        "(expansion, ICM, TE) beside the good/poor head; 0 = train the main head only"
+    )
 
 
 class CalibrationConfig(_Section):

@@ -11,6 +11,7 @@ import pytest
 
 from embryo_ml.config import LabelsConfig
 from embryo_ml.data.labels import (
+    GARDNER_TARGET_COLUMNS,
     GardnerGrade,
     build_targets,
     grade_columns,
@@ -171,13 +172,32 @@ def test_multiclass():
 def test_gardner_targets():
     table = pd.DataFrame({"grade": ["4AB", "2BB-", "6", "3C-A+"]})
     t = build_targets(table, LabelsConfig(task="gardner"))
-    assert t.task == "gardner" and t.classes == []
-    assert t.labels == ["4AB", "2", "6", "3C-A+"]
-    assert t.y.dtype == np.int64 and t.y.tolist() == [3, 1, 5, 2]
+    # the main head: good/poor by the same rule as binary + from_grade
+    assert t.task == "gardner" and t.classes == ["good", "poor"]
+    assert t.labels == ["good", "poor", "poor", "poor"]
+    assert t.y.dtype == np.int64 and t.y.tolist() == [0, 1, 1, 1]
+    assert t.grades == ["4AB", "2", "6", "3C-A+"]
+    assert t.expansion.dtype == np.int64 and t.expansion.tolist() == [3, 1, 5, 2]
     assert t.icm.tolist() == [0, -1, -1, 2]
     assert t.te.tolist() == [1, -1, -1, 0]
     assert t.icm_mask.dtype == bool and t.icm_mask.tolist() == [True, False, False, True]
     assert t.te_mask.tolist() == [True, False, False, True]
+    # one target vector per image: [good/poor, expansion, icm, te]
+    assert GARDNER_TARGET_COLUMNS == ("main", "expansion", "icm", "te")
+    items = t.item_targets()
+    assert items.dtype == np.int64 and items.shape == (4, 4)
+    assert items.tolist() == [[0, 3, 0, 1], [1, 1, -1, -1], [1, 5, -1, -1], [1, 2, 2, 0]]
+    # the good/poor rule is configurable here too
+    strict = build_targets(table, LabelsConfig(task="gardner", good_min_expansion=5))
+    assert strict.labels == ["poor"] * 4 and strict.expansion.tolist() == [3, 1, 5, 2]
+    with pytest.raises(DataError, match="positive class 'yes'"):
+        build_targets(table, LabelsConfig(task="gardner"), positive_class="yes")
+
+
+def test_item_targets_of_other_tasks_are_the_class_index():
+    table = pd.DataFrame({"label": ["poor", "good"]})
+    t = build_targets(table, LabelsConfig())
+    assert t.item_targets() is t.y and t.expansion is None and t.grades is None
 
 
 def test_bad_grade_names_the_csv_row():

@@ -132,37 +132,54 @@ def grade_columns(grade: GardnerGrade) -> dict[str, object]:
     }
 
 
+# Columns of the per-image target vector of `labels.task=gardner` (`Targets.item_targets`):
+# the good/poor index first, then one column per Gardner grade head.
+GARDNER_TARGET_COLUMNS = ("main", "expansion", "icm", "te")
+EXPANSION_CLASSES = ("1", "2", "3", "4", "5", "6")
+
+
 @dataclass
 class Targets:
     """What a run learns, one entry per manifest row.
 
-    binary/multiclass: `y` indexes `classes`. gardner: `y` is expansion - 1 (0..5) and `icm`/`te`
-    index A/B/C (0/1/2) with -1 where `icm_mask`/`te_mask` is False, so a multi-task loss can skip
-    rows whose ICM/TE were not assessable instead of learning a made-up letter.
+    `y` indexes `classes` (the head that scores and ranks; `labels` are its names). For
+    `gardner`, `classes` is ["good", "poor"] by the `is_good` rule (as `binary` + `from_grade`),
+    and the grade is learned beside it: `expansion` is expansion - 1 (0..5), `icm`/`te` index
+    A/B/C (0/1/2) with -1 where `icm_mask`/`te_mask` is False, so a multi-task loss can skip rows
+    whose ICM/TE were not assessable instead of learning a made-up letter. `grades` holds the
+    canonical grade text.
     """
 
     task: str
     classes: list[str]
     y: np.ndarray
     labels: list[str]
+    expansion: np.ndarray | None = None
     icm: np.ndarray | None = None
     te: np.ndarray | None = None
     icm_mask: np.ndarray | None = None
     te_mask: np.ndarray | None = None
+    grades: list[str] | None = None
+
+    def item_targets(self) -> np.ndarray:
+        """What the dataset yields per image: `y` (N,), or for gardner an (N, 4) int64 array
+        with the columns of `GARDNER_TARGET_COLUMNS`."""
+        if self.task != "gardner":
+            return self.y
+        if self.expansion is None or self.icm is None or self.te is None:
+            raise ValueError("gardner targets without expansion/icm/te")
+        return np.stack([self.y, self.expansion, self.icm, self.te], axis=1).astype(np.int64)
 
 
 def build_targets(table: pd.DataFrame, cfg: LabelsConfig, positive_class: str = "good") -> Targets:
     """Turn a manifest table into targets for `cfg.task`; DataError names the first bad row.
 
-    `positive_class` must be one of the classes for binary/multiclass (its probability is the
-    score); it is unused for `gardner`.
+    `positive_class` must be one of the classes (its probability is the score).
     """
     if len(table) == 0:
         raise DataError("manifest has no rows to build targets from")
-    if cfg.task == "gardner":
-        grades = _parse_grade_column(table, cfg.grade_column)
-        return _gardner_targets(grades)
-    if cfg.task == "binary" and cfg.from_grade:
+    grades: list[GardnerGrade] | None = None
+    if cfg.task == "gardner" or (cfg.task == "binary" and cfg.from_grade):
         grades = _parse_grade_column(table, cfg.grade_column)
         labels = ["good" if is_good(g, cfg) else "poor" for g in grades]
         classes = ["good", "poor"]
@@ -179,21 +196,22 @@ def build_targets(table: pd.DataFrame, cfg: LabelsConfig, positive_class: str = 
         raise DataError(f"positive class '{positive_class}' is not among the classes {classes}")
     index = {name: i for i, name in enumerate(classes)}
     y = np.array([index[label] for label in labels], dtype=np.int64)
-    return Targets(task=cfg.task, classes=classes, y=y, labels=labels)
+    targets = Targets(task=cfg.task, classes=classes, y=y, labels=labels)
+    if cfg.task == "gardner" and grades is not None:
+        _add_grade_targets(targets, grades)
+    return targets
 
 
-def _gardner_targets(grades: list[GardnerGrade]) -> Targets:
+def _add_grade_targets(targets: Targets, grades: list[GardnerGrade]) -> None:
     letter_index = {letter: i for i, letter in enumerate(LETTERS)}
     icm = np.array([letter_index.get(g.icm, -1) if g.assessable else -1 for g in grades],
                    dtype=np.int64)
     te = np.array([letter_index.get(g.te, -1) if g.assessable else -1 for g in grades],
                   dtype=np.int64)
-    return Targets(
-        task="gardner", classes=[],
-        y=np.array([g.expansion - 1 for g in grades], dtype=np.int64),
-        labels=[str(g) for g in grades],
-        icm=icm, te=te, icm_mask=icm >= 0, te_mask=te >= 0,
-    )
+    targets.expansion = np.array([g.expansion - 1 for g in grades], dtype=np.int64)
+    targets.icm, targets.te = icm, te
+    targets.icm_mask, targets.te_mask = icm >= 0, te >= 0
+    targets.grades = [str(g) for g in grades]
 
 
 def _cells(table: pd.DataFrame, column: str) -> list[str | None]:

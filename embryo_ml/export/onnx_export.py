@@ -3,6 +3,9 @@
 The bundle is assembled in a temporary folder beside the target and renamed into place only after
 ONNX Runtime reproduces PyTorch's probabilities (max abs difference <= `tolerance`), so a failed
 or mismatching export never leaves a bundle that looks usable.
+
+A Gardner multi-task checkpoint (`heads` in best.pt) exports the same single `logits` output,
+wider (main classes, then the grade heads); the layout goes into bundle.json as `heads`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from embryo_ml.export.bundle import (
     write_bundle_json,
 )
 from embryo_ml.models import build_model
-from embryo_ml.train.metrics import softmax
+from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
 from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4
@@ -64,19 +67,30 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
 
 def check_parity(
     model: torch.nn.Module, onnx_path: Path, image_size: int, seed: int = 0,
-    tolerance: float = PARITY_TOLERANCE,
+    tolerance: float = PARITY_TOLERANCE, n_classes: int | None = None, heads: Heads | None = None,
 ) -> float:
-    """Max abs difference of class probabilities, PyTorch vs ONNX Runtime, on random input."""
+    """Max abs difference of class probabilities, PyTorch vs ONNX Runtime, on random input.
+
+    With `heads`, probabilities are compared per block (main classes, then each head), as they
+    are read; `n_classes` = None means the whole row is one block."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    heads = heads or {}
+
+    def probabilities(logits: np.ndarray) -> np.ndarray:
+        return blockwise_softmax(logits, n_classes or logits.shape[1], heads)
+
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in (1, 5):
         images = torch.randn(batch, 3, image_size, image_size, generator=generator)
         with torch.inference_mode():
-            expected = softmax(model(images).float().numpy())
-        got = softmax(session.run(["logits"], {"image": images.numpy()})[0])
+            expected = probabilities(model(images).float().numpy())
+        got = session.run(["logits"], {"image": images.numpy()})[0]
+        if got.shape != expected.shape:
+            raise BundleError(f"ONNX output has shape {got.shape}, PyTorch {expected.shape}")
+        got = probabilities(got)
         worst = max(worst, float(np.abs(expected - got).max()))
     if worst > tolerance:
         raise BundleError(f"ONNX Runtime disagrees with PyTorch: max probability difference "
@@ -94,9 +108,10 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
         raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new folder")
     checkpoint = load_checkpoint(checkpoint_path)
     classes = list(checkpoint["classes"])
+    heads: Heads = dict(checkpoint.get("heads") or {})  # Gardner grade heads after the classes
     model_cfg = ModelConfig.model_validate(
         {**checkpoint["config"]["model"], "pretrained": False, "pretrained_file": None})
-    model = build_model(model_cfg, num_classes=len(classes))
+    model = build_model(model_cfg, num_classes=output_width(len(classes), heads))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     size = int(checkpoint["image_size"])
@@ -109,7 +124,8 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         export_onnx(model, size, staging / MODEL_FILE)
-        difference = check_parity(model, staging / MODEL_FILE, size)
+        difference = check_parity(model, staging / MODEL_FILE, size, n_classes=len(classes),
+                                  heads=heads)
         bundle = Bundle(
             architecture=checkpoint["model_name"], classes=classes,
             positive_class=checkpoint["positive_class"], input_size=size,
@@ -119,7 +135,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
             threshold=float(metrics.get("threshold", 0.5)), run_id=checkpoint.get("run_id"),
             val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")}
             | {"parity_max_abs_diff": difference, "best_epoch": checkpoint["epoch"]},
-            quality=quality, versions=package_versions(),
+            quality=quality, heads=heads or None, versions=package_versions(),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         write_bundle_json(bundle, staging)

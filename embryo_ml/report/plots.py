@@ -14,7 +14,9 @@ from sklearn.metrics import auc as area_under  # noqa: E402
 from sklearn.metrics import roc_curve
 
 
-def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
+def confusion_matrix_figure(
+    matrix: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix"
+) -> Figure:
     """Counts with the row-normalised rate in each cell: rows are true classes."""
     fig, ax = plt.subplots(figsize=(3.6 + 0.4 * len(classes), 3.2 + 0.4 * len(classes)))
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -26,7 +28,7 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figur
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("Confusion matrix")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 

@@ -49,8 +49,16 @@ from embryo_ml.train.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from embryo_ml.train.heads import (
+    head_accuracies,
+    head_columns,
+    head_layout,
+    head_summary,
+    main_output,
+    output_width,
+)
 from embryo_ml.train.loop import evaluate, train_one_epoch
-from embryo_ml.train.losses import build_criterion
+from embryo_ml.train.losses import MultiHeadLoss, build_criterion
 from embryo_ml.train.metrics import binary_metrics, confusion, softmax
 from embryo_ml.train.state import (
     CHECKPOINT_NAME,
@@ -202,15 +210,14 @@ def fit(
     source = data or cfg.data.manifest
     if source is None:
         raise ConfigError("no training data: pass --data or set data.manifest")
-    if cfg.labels.task == "gardner":
-        raise ConfigError("labels.task=gardner: training the Gardner multi-task head is not "
-                          "available yet; use labels.task=binary (optionally from_grade: true)")
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))  # before any heavy work
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / LAST_NAME) if resume else None
     table = load_table(source)
     labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
-    classes, targets = labelled.classes, labelled.y
+    classes, targets = labelled.classes, labelled.y  # the main head: scored and ranked
+    heads = head_layout(cfg.labels.task, len(classes))  # gardner: grade heads after the classes
+    item_targets = labelled.item_targets()  # what the loader yields: y, or gardner target rows
     table = table.assign(label=labelled.labels)  # what the split stratifies and hashes
     positive_index = classes.index(cfg.data.positive_class)
     if split is None:
@@ -226,7 +233,7 @@ def fit(
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
 
-    model = build_model(cfg.model, num_classes=len(classes)).to(device)
+    model = build_model(cfg.model, num_classes=output_width(len(classes), heads)).to(device)
     default_mean, default_std = model_normalization(model)
     mean = tuple(cfg.data.mean or default_mean)
     std = tuple(cfg.data.std or default_std)
@@ -237,9 +244,9 @@ def fit(
     augment = build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
                                     seed=cfg.seed)
     train_set = EmbryoImageDataset(
-        [paths[i] for i in train_idx], targets[train_idx], augment, cache, max_pixels)
+        [paths[i] for i in train_idx], item_targets[train_idx], augment, cache, max_pixels)
     val_set = EmbryoImageDataset(
-        [paths[i] for i in val_idx], targets[val_idx], build_eval_transform(size, mean, std),
+        [paths[i] for i in val_idx], item_targets[val_idx], build_eval_transform(size, mean, std),
         cache, max_pixels,
     )
     loader_args: dict[str, Any] = {
@@ -255,7 +262,10 @@ def fit(
                               generator=generator, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
 
-    criterion = build_criterion(cfg.loss, targets[train_idx], len(classes)).to(device)
+    criterion = build_criterion(cfg.loss, targets[train_idx], len(classes))
+    if heads:
+        criterion = MultiHeadLoss(criterion, len(classes), heads, cfg.loss.grade_weight)
+    criterion = criterion.to(device)
     groups, backbone = _parameter_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = len(train_loader)
@@ -306,8 +316,10 @@ def fit(
                 parameter.requires_grad_(epoch >= cfg.train.freeze_backbone_epochs)
             train_loss = train_one_epoch(model, train_loader, optimizer, criterion, device,
                                          scheduler, epoch, progress, ema)
-            out = evaluate(scored, val_loader, device, criterion)
-            metrics = _val_metrics(out.logits, out.targets, positive_index)
+            full = evaluate(scored, val_loader, device, criterion)
+            out = main_output(full, len(classes))  # all below reads the main classes only
+            metrics = {**_val_metrics(out.logits, out.targets, positive_index),
+                       **head_accuracies(full.logits, full.targets, heads)}
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
                    **{f"val_{k}": v for k, v in metrics.items()},
                    "lr": optimizer.param_groups[-1]["lr"],
@@ -323,6 +335,7 @@ def fit(
                     "classes": classes, "positive_class": cfg.data.positive_class,
                     "image_size": size, "mean": list(mean), "std": list(std), "epoch": epoch,
                     "val_metrics": metrics, "config": cfg.model_dump(mode="json"),
+                    "heads": heads,
                     "run_id": tracker.run_id,
                 }, checkpoint_path)
             else:
@@ -343,7 +356,8 @@ def fit(
 
         # Final numbers come from the best checkpoint, not the last epoch.
         scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-        out = evaluate(scored, val_loader, device, criterion)
+        full = evaluate(scored, val_loader, device, criterion)
+        out = main_output(full, len(classes))
         calibrated = calibrate(out.logits, out.targets, positive_index, cfg.calibration)
         probs = softmax(out.logits, calibrated["temperature"])
         is_positive = out.targets == positive_index
@@ -354,7 +368,8 @@ def fit(
                  **calibrated, "best_epoch": best_epoch, "epochs_run": len(history),
                  "n_train": len(train_idx), "n_val": len(val_idx), "classes": classes,
                  "positive_class": cfg.data.positive_class,
-                 "val_confusion_matrix": matrix.tolist(), "run_id": tracker.run_id}
+                 "val_confusion_matrix": matrix.tolist(),
+                 **head_summary(full.logits, full.targets, heads), "run_id": tracker.run_id}
         _write_json(final, run_dir / "metrics.json")
         _write_json(quality_thresholds([paths[i] for i in train_idx], out.logits, cfg.seed,
                                        max_pixels).to_dict(), run_dir / QUALITY_NAME)
@@ -364,12 +379,17 @@ def fit(
             predictions[f"p_{name}"] = probs[:, i]
         predictions["label_pred"] = [classes[i] for i in predict_classes(
             probs, positive_index, calibrated["threshold"])]
+        predictions = predictions.assign(**head_columns(full.logits, full.targets, heads))
         predictions.to_csv(run_dir / "val_predictions.csv", index=False)
 
         tracker.log_metrics({f"best_{k}": v for k, v in final.items()
                              if isinstance(v, int | float) and k != "best_epoch"})
         tracker.log_metrics({"best_epoch": best_epoch})
         tracker.log_figure(confusion_matrix_figure(matrix, classes), "plots/confusion_matrix.png")
+        for name, result in final.get("val_heads", {}).items():
+            tracker.log_figure(confusion_matrix_figure(
+                np.array(result["confusion_matrix"]), result["classes"],
+                f"{name} (n={result['n']} assessable)"), f"plots/confusion_matrix_{name}.png")
         tracker.log_figure(roc_figure(out.targets == positive_index, probs[:, positive_index],
                                       cfg.data.positive_class), "plots/roc_curve.png")
         tracker.log_figure(training_curves_figure(history), "plots/training_curves.png")

@@ -4,6 +4,9 @@ Clinics transfer few embryos and discard many, so `good` is often the minority c
 weights (`auto` = inverse frequency on the training split) or a focal loss (down-weights easy,
 confidently right examples) keep the minority from being ignored; label smoothing softens the
 targets where grades are noisy between embryologists.
+
+The Gardner multi-task loss (`MultiHeadLoss`) adds to that main-class loss a cross-entropy per
+grade head (expansion, ICM, TE), each averaged over the rows where that grade was assessable.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from torch import nn
 
 from embryo_ml.config import LossConfig
 from embryo_ml.errors import ConfigError
+from embryo_ml.train.heads import Heads, head_logits, head_targets, main_logits, main_targets
+
+IGNORE = -1  # target index of a grade that is not assessable
 
 
 def class_weights(
@@ -61,3 +67,31 @@ def build_criterion(cfg: LossConfig, train_targets: np.ndarray, n_classes: int) 
     if cfg.focal_gamma > 0:
         return FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose target is not `IGNORE` (-1); exactly 0 (with zero
+    gradient) when there is none, where a plain mean would give NaN and poison the step."""
+    summed = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    return summed / (targets != IGNORE).sum().clamp(min=1)
+
+
+class MultiHeadLoss(nn.Module):
+    """`main` (the configured criterion: class weights, focal, smoothing) on the main classes,
+    plus `grade_weight` x masked cross-entropy on each head. Targets are the (N, 4) gardner
+    rows (`embryo_ml.data.labels.GARDNER_TARGET_COLUMNS`)."""
+
+    def __init__(self, main: nn.Module, n_classes: int, heads: Heads,
+                 grade_weight: float = 1.0) -> None:
+        super().__init__()
+        self.main = main
+        self.n_classes = n_classes
+        self.heads = dict(heads)
+        self.grade_weight = grade_weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.main(main_logits(logits, self.n_classes), main_targets(targets))
+        for name, head in self.heads.items():
+            term = masked_cross_entropy(head_logits(logits, head), head_targets(targets, name))
+            loss = loss + self.grade_weight * term
+        return loss
