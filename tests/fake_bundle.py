@@ -25,7 +25,7 @@ def make_fake_bundle(
     heads: dict[str, dict[str, Any]] | None = None,
     temperature: float = 1.0,
     size: int = 16,
-    declared_width: int | None = None,
+    declared_width: int | str | None = None,
 ) -> Path:
     """Write model.onnx (GlobalAveragePool -> Flatten -> MatMul -> Add) and bundle.json."""
     import onnx

@@ -186,6 +186,7 @@ def test_resume_refuses_a_file_damaged_before_its_end(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot resume safely" in err[0]
     assert out.read_bytes() == b"".join(lines)  # nothing touched
+    assert (tmp_path / f"scores.embryos{ext}").is_file()  # the last finished run's, kept
 
 
 def test_resume_refuses_a_file_of_other_columns(

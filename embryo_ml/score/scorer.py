@@ -433,14 +433,14 @@ def score_images(
     columns = score_columns(bundle.classes, bundle.heads)
     cohorts = Cohorts(bundle.classes, bundle.positive_class, bundle.threshold, aggregate)
     summary = ScoreSummary(out)
-    embryos_out = embryos_path(out)
-    embryos_out.unlink(missing_ok=True)  # a previous run's; written again when this one ends
     log = partial_path(out) if fmt == "parquet" else out
     started = time.perf_counter()
     if resume:
         done: set[str] = set()
         summary.n_resumed = _resume(out, log, columns, cohorts, done)
         items = (item for item in items if item.path not in done)
+    embryos_out = embryos_path(out)
+    embryos_out.unlink(missing_ok=True)  # a previous run's; written again when this one ends
 
     workers = workers or min(4, os.cpu_count() or 1)
     bar = None
