@@ -257,3 +257,27 @@ def test_gardner_bundle_has_heads_and_a_width_14_output(gardner_run: dict,
     agree = np.mean([bundle.heads["expansion"]["classes"][i] == str(p)
                      for i, p in zip(expansion, predictions["expansion_pred"])])
     assert agree >= 0.95  # ONNX vs PyTorch, resize and float differences may flip a near-tie
+
+
+def test_scoring_a_gardner_bundle_reports_the_grade_heads(gardner_run: dict,
+                                                          tmp_path: Path) -> None:
+    from embryo_ml.score.scorer import score_images
+
+    predictions = pd.read_csv(gardner_run["run_dir"] / "val_predictions.csv",
+                              keep_default_na=False, dtype=str)
+    manifest = tmp_path / "val.csv"
+    predictions[["path"]].to_csv(manifest, index=False)
+    out = tmp_path / "scores.csv"
+    score_images(manifest, gardner_run["bundle"].path, out, progress=False)
+    scores = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert (scores["status"] == "ok").all()
+    assert {"expansion_pred", "icm_pred", "te_pred", "grade_pred"} <= set(scores.columns)
+    assert set(scores["expansion_pred"]) <= set("123456")
+    assert set(scores["icm_pred"]) | set(scores["te_pred"]) <= {"A", "B", "C", ""}
+    # the scorer's heads agree with the run's own validation predictions (same model, ONNX)
+    by_path = dict(zip(predictions["path"], predictions["expansion_pred"]))
+    agree = np.mean([by_path[p] == e for p, e in zip(scores["path"], scores["expansion_pred"])])
+    assert agree >= 0.95
+    # the score is the main head's calibrated p(good)
+    assert np.allclose(scores["score"].astype(float), scores["p_good"].astype(float))
+    print(scores[["expansion_pred", "icm_pred", "te_pred", "grade_pred"]].head(8).to_string())
