@@ -442,14 +442,13 @@ def score_images(
     embryos_out = embryos_path(out)
     embryos_out.unlink(missing_ok=True)  # a previous run's; written again when this one ends
 
-    workers = workers or min(4, os.cpu_count() or 1)
+    writer = row_writer(out, columns, append=resume)
+    pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="scoring", unit="img", initial=summary.n_resumed)
-    writer = row_writer(out, columns, append=resume)
-    pool = ThreadPoolExecutor(workers)
 
     def flush(batch: list[Loaded]) -> None:
         for row in batch_rows(scorer, batch):
