@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -44,10 +45,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data = data or json.loads((run_dir / "run.json").read_text())["data"]
     else:
         cfg = load_config(args.config, args.set)  # fails here, before any import of torch
+        if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise EmbryoMLError("under torchrun, pass --out RUN_DIR (every process must write "
+                                "to the same run folder)")
         run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     from embryo_ml.train.fit import fit
 
     result = fit(cfg, data, run_dir, progress=not args.quiet, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # DDP: rank 0 reports
     print(f"validation ROC AUC {result.metrics['val_auc']:.4f} "
           f"(best epoch {result.metrics['best_epoch']}, {result.metrics['n_val']} images)")
     print(f"run folder: {result.run_dir}")
@@ -156,8 +162,6 @@ def _cmd_data_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
-    import os
-
     from embryo_ml.data.manifest import load_labelled, write_manifest
     from embryo_ml.data.splits import make_splits
 

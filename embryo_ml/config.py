@@ -94,6 +94,12 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.998, gt=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision: auto = bf16 (or fp16) on CUDA, off on CPU"
+    )
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="NHWC memory format for convolutions: auto = true with CUDA"
+    )
 
 
 class LossConfig(_Section):

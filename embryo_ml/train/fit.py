@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRandomSampler
 
 import embryo_ml
 from embryo_ml.config import CalibrationConfig, Config, save_config
@@ -49,6 +50,15 @@ from embryo_ml.train.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from embryo_ml.train.distributed import (
+    DistContext,
+    barrier,
+    gather_rows,
+    init_distributed,
+    mean_across_ranks,
+    shard_indices,
+    shutdown,
+)
 from embryo_ml.train.heads import (
     head_accuracies,
     head_columns,
@@ -57,7 +67,7 @@ from embryo_ml.train.heads import (
     main_output,
     output_width,
 )
-from embryo_ml.train.loop import evaluate, train_one_epoch
+from embryo_ml.train.loop import EvalOutput, Precision, evaluate, train_one_epoch
 from embryo_ml.train.losses import MultiHeadLoss, build_criterion
 from embryo_ml.train.metrics import binary_metrics, confusion, softmax
 from embryo_ml.train.state import (
@@ -69,6 +79,7 @@ from embryo_ml.train.state import (
     rng_state,
 )
 from embryo_ml.train.tracking import (
+    NullTracker,
     RunTracker,
     check_reachable,
     git_commit,
@@ -111,6 +122,34 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def resolve_precision(amp: str, channels_last: str | bool, device: torch.device) -> Precision:
+    """Mixed precision and memory format for `device`: `auto` turns both on with CUDA only
+    (bf16 where the GPU supports it, else fp16 with a gradient scaler); on CPU, `bf16` may be
+    asked for explicitly (useful on CPUs with bf16 instructions), `fp16` is refused."""
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+    if amp == "fp16" and not cuda:
+        raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or off on CPU")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    use_nhwc = channels_last is True or (channels_last == "auto" and cuda)
+    return Precision(dtype, use_nhwc, scaler)
+
+
+def evaluate_all(
+    model: nn.Module, loader: DataLoader, device: torch.device, criterion: nn.Module,
+    precision: Precision, context: DistContext,
+) -> EvalOutput:
+    """`evaluate` on this rank's validation slice, gathered so every rank sees all of it in the
+    original order (single process: just `evaluate`)."""
+    out = evaluate(model, loader, device, criterion, precision=precision)
+    if not context.enabled:
+        return out
+    loss = mean_across_ranks(out.loss * len(out.targets), len(out.targets), context)
+    return EvalOutput(gather_rows(out.logits, context), gather_rows(out.targets, context), loss)
+
+
 def dataset_fingerprint(table: pd.DataFrame) -> dict[str, Any]:
     """What data a run saw, without patient identifiers: a hash of (file name, label) pairs and
     counts per class. Same files + labels -> same hash, wherever the folder lives."""
@@ -129,6 +168,12 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return factor
+
+
+def _save_on_main(main: bool, state: dict[str, Any], path: Path) -> None:
+    """Checkpoints are written by DDP rank 0 only (every rank holds the same weights)."""
+    if main:
+        atomic_torch_save(state, path)
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
@@ -206,7 +251,23 @@ def fit(
 
     `resume=True` continues the run in `run_dir` from its `last.pt` (same MLflow run).
     `split` gives (train, validation) row indices instead of the grouped split (a CV fold);
-    `nested` logs the run as a child of the active MLflow run."""
+    `nested` logs the run as a child of the active MLflow run.
+
+    Under `torchrun` (WORLD_SIZE > 1) the run is data-parallel (see `train.distributed`): only
+    rank 0 logs to MLflow and writes the run folder; every rank returns the same metrics."""
+    device = pick_device(cfg.train.device)
+    context = init_distributed(device.type == "cuda")
+    try:
+        return _fit(cfg, data, run_dir, progress, resume, split, nested, device, context)
+    finally:
+        shutdown(context)
+
+
+def _fit(
+    cfg: Config, data: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str],
+    progress: bool, resume: bool, split: tuple[np.ndarray, np.ndarray] | None, nested: bool,
+    device: torch.device, context: DistContext,
+) -> FitResult:
     source = data or cfg.data.manifest
     if source is None:
         raise ConfigError("no training data: pass --data or set data.manifest")
@@ -225,15 +286,24 @@ def fit(
     else:
         (train_idx, val_idx), group_column = split, "given"
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    _write_json({"data": str(Path(source).resolve())}, run_dir / "run.json")
+    main = context.is_main  # the one process that writes files and talks to MLflow
+    if context.enabled and cfg.train.weighted_sampler:
+        raise ConfigError("train.weighted_sampler is not available with torchrun (DDP); use "
+                          "loss.class_weights=auto instead")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _write_json({"data": str(Path(source).resolve())}, run_dir / "run.json")
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and context.enabled:
+        device = torch.device("cuda", context.local_rank)
+    precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device)
 
     model = build_model(cfg.model, num_classes=output_width(len(classes), heads)).to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     default_mean, default_std = model_normalization(model)
     mean = tuple(cfg.data.mean or default_mean)
     std = tuple(cfg.data.std or default_std)
@@ -242,25 +312,36 @@ def fit(
     max_pixels = cfg.data.max_pixels
     cache = DecodedCache(cfg.data.cache_dir, size, max_pixels) if cfg.data.cache_dir else None
     augment = build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed + context.rank)
     train_set = EmbryoImageDataset(
         [paths[i] for i in train_idx], item_targets[train_idx], augment, cache, max_pixels)
     val_set = EmbryoImageDataset(
         [paths[i] for i in val_idx], item_targets[val_idx], build_eval_transform(size, mean, std),
         cache, max_pixels,
     )
+    val_shard = (Subset(val_set, shard_indices(len(val_set), context)) if context.enabled
+                 else val_set)
     loader_args: dict[str, Any] = {
         "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
         "pin_memory": device.type == "cuda", "worker_init_fn": _worker_init,
         "persistent_workers": cfg.data.num_workers > 0,
     }
     generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = (_train_sampler(targets[train_idx], len(classes), generator)
-               if cfg.train.weighted_sampler else None)
+    drop_last = len(train_set) > cfg.train.batch_size * context.world_size
+    if context.enabled:
+        sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=drop_last)
+    else:
+        sampler = (_train_sampler(targets[train_idx], len(classes), generator)
+                   if cfg.train.weighted_sampler else None)
     train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_set) > cfg.train.batch_size,
-                              generator=generator, **loader_args)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+                              drop_last=drop_last, generator=generator, **loader_args)
+    val_loader = DataLoader(val_shard, shuffle=False, **loader_args)
+    # DDP averages gradients across ranks; frozen-backbone epochs leave some parameters unused.
+    trained = (DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=cfg.train.freeze_backbone_epochs > 0)
+        if context.enabled else model)
 
     criterion = build_criterion(cfg.loss, targets[train_idx], len(classes))
     if heads:
@@ -291,22 +372,32 @@ def fit(
         history, best_epoch, stale = list(state["history"]), state["best_epoch"], state["stale"]
         best_score, first_epoch, run_id = state["best_score"], state["epoch"] + 1, state["run_id"]
         restore_rng_state(state["rng"], generator, augment)
+        if precision.scaler is not None and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
         log.info("resuming %s at epoch %d (best so far: epoch %d)", run_dir, first_epoch,
                  best_epoch)
-    with RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                    run_name=run_dir.name, run_id=run_id, nested=nested) as tracker:
+    tracker_context = (RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
+                                  run_name=run_dir.name, run_id=run_id, nested=nested)
+                       if main else NullTracker(cfg.tracking.tracking_uri))
+    with tracker_context as tracker:
         if state is None:
             tracker.log_params(cfg.flat())
             tracker.log_params({"data.classes": ",".join(classes),
                                 "data.split_group": group_column,
-                                "data.n_train": len(train_idx), "data.n_val": len(val_idx)})
+                                "data.n_train": len(train_idx), "data.n_val": len(val_idx),
+                                "train.world_size": context.world_size,
+                                "train.precision": str(precision.amp_dtype or "float32"),
+                                "train.channels_last_used": precision.channels_last})
             tracker.set_tags({**dataset_fingerprint(table), "git_commit": git_commit(),
                               "embryo_ml_version": embryo_ml.__version__,
                               "torch_version": torch.__version__, "device": device.type})
             tracker.log_artifact(run_dir / "config.yaml")
-        (run_dir / "run_id.txt").write_text(tracker.run_id or "", encoding="utf-8")
-        log.info("MLflow run %s; %d train / %d val images grouped by %s",
-                 tracker.run_id, len(train_idx), len(val_idx), group_column)
+        if main:
+            (run_dir / "run_id.txt").write_text(tracker.run_id or "", encoding="utf-8")
+        if main:
+            log.info("MLflow run %s; %d train / %d val images grouped by %s%s", tracker.run_id,
+                     len(train_idx), len(val_idx), group_column,
+                     f"; {context.world_size} DDP processes" if context.enabled else "")
 
         for epoch in range(first_epoch, cfg.train.epochs):
             if stale and cfg.train.patience and stale >= cfg.train.patience:
@@ -314,9 +405,12 @@ def fit(
             started = time.perf_counter()
             for parameter in backbone:
                 parameter.requires_grad_(epoch >= cfg.train.freeze_backbone_epochs)
-            train_loss = train_one_epoch(model, train_loader, optimizer, criterion, device,
-                                         scheduler, epoch, progress, ema)
-            full = evaluate(scored, val_loader, device, criterion)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            train_loss = train_one_epoch(trained, train_loader, optimizer, criterion, device,
+                                         scheduler, epoch, progress and main, ema, precision)
+            train_loss = mean_across_ranks(train_loss, 1, context)
+            full = evaluate_all(scored, val_loader, device, criterion, precision, context)
             out = main_output(full, len(classes))  # all below reads the main classes only
             metrics = {**_val_metrics(out.logits, out.targets, positive_index),
                        **head_accuracies(full.logits, full.targets, heads)}
@@ -326,11 +420,13 @@ def fit(
                    "epoch_seconds": time.perf_counter() - started}
             history.append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            atomic_write_text(run_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+            if main:
+                atomic_write_text(run_dir / "history.csv",
+                                  pd.DataFrame(history).to_csv(index=False))
             score = metrics["auc"] if not math.isnan(metrics["auc"]) else -out.loss
             if score > best_score:
                 best_score, best_epoch, stale = score, epoch, 0
-                atomic_torch_save({
+                _save_on_main(main, {
                     "state_dict": scored.state_dict(), "model_name": cfg.model.name,
                     "classes": classes, "positive_class": cfg.data.positive_class,
                     "image_size": size, "mean": list(mean), "std": list(std), "epoch": epoch,
@@ -340,14 +436,15 @@ def fit(
                 }, checkpoint_path)
             else:
                 stale += 1
-            atomic_torch_save({
+            _save_on_main(main, {
                 "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": history, "best_score": best_score,
                 "best_epoch": best_epoch, "stale": stale, "run_id": tracker.run_id,
                 "rng": rng_state(generator, augment),
+                "scaler": precision.scaler.state_dict() if precision.scaler else None,
             }, run_dir / LAST_NAME)
-            if progress:
+            if progress and main:
                 print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {out.loss:.4f}  "
                       f"val_auc {metrics['auc']:.4f}  ({row['epoch_seconds']:.1f}s)", flush=True)
             if cfg.train.patience and stale >= cfg.train.patience:
@@ -355,8 +452,9 @@ def fit(
                 break
 
         # Final numbers come from the best checkpoint, not the last epoch.
+        barrier(context)  # rank 0 has written it
         scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-        full = evaluate(scored, val_loader, device, criterion)
+        full = evaluate_all(scored, val_loader, device, criterion, precision, context)
         out = main_output(full, len(classes))
         calibrated = calibrate(out.logits, out.targets, positive_index, cfg.calibration)
         probs = softmax(out.logits, calibrated["temperature"])
@@ -370,6 +468,8 @@ def fit(
                  "positive_class": cfg.data.positive_class,
                  "val_confusion_matrix": matrix.tolist(),
                  **head_summary(full.logits, full.targets, heads), "run_id": tracker.run_id}
+        if not main:
+            return FitResult("", run_dir, final, tracker.tracking_uri)
         _write_json(final, run_dir / "metrics.json")
         _write_json(quality_thresholds([paths[i] for i in train_idx], out.logits, cfg.seed,
                                        max_pixels).to_dict(), run_dir / QUALITY_NAME)

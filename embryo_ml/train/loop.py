@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +19,31 @@ class NonFiniteLossError(EmbryoMLError):
     """The loss became NaN/inf: training stops, the last good checkpoint is kept."""
 
 
+@dataclass
+class Precision:
+    """How tensors meet the model: autocast dtype (None = float32) and memory format.
+
+    `scaler` is a GradScaler for float16 on CUDA (bfloat16 needs none)."""
+
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    def autocast(self, device: torch.device):  # noqa: ANN201 - a context manager
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+    def to_input(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        images = images.to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+FLOAT32 = Precision()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -28,25 +54,33 @@ def train_one_epoch(
     epoch: int = 0,
     progress: bool = True,
     ema: nn.Module | None = None,
+    precision: Precision = FLOAT32,
 ) -> float:
     """Train for one pass over `loader`; the scheduler (and the EMA, if any) step per batch.
-    Returns the mean loss."""
+    Returns the mean loss. `model` may be wrapped in DistributedDataParallel; the EMA follows
+    the unwrapped module."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
     for images, targets in bar:
-        images = images.to(device, non_blocking=True)
+        images = precision.to_input(images, device)
         targets = targets.to(device, non_blocking=True)
-        loss = criterion(model(images), targets)
+        with precision.autocast(device):
+            loss = criterion(model(images).float(), targets)
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch}; lower train.lr or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(getattr(model, "module", model))
         if scheduler is not None:
             scheduler.step()
         total += loss.item() * len(targets)
@@ -69,12 +103,14 @@ def evaluate(
     device: torch.device,
     criterion: nn.Module | None = None,
     progress: bool = False,
+    precision: Precision = FLOAT32,
 ) -> EvalOutput:
     """Logits and targets for every sample in `loader` (metrics are computed by the caller)."""
     model.eval()
     all_logits, all_targets, total = [], [], 0.0
     for images, targets in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
-        logits = model(images.to(device, non_blocking=True)).float()
+        with precision.autocast(device):
+            logits = model(precision.to_input(images, device)).float()
         if criterion is not None:
             total += criterion(logits, targets.to(device)).item() * len(targets)
         all_logits.append(logits.cpu().numpy())

@@ -177,6 +177,26 @@ def run_summary(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
     }
 
 
+class NullTracker:
+    """Stands in for `RunTracker` on DDP ranks other than 0: same calls, nothing logged."""
+
+    run_id: str | None = None
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(("log_", "set_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 def run_experiment_name(run_id: str, tracking_uri: str | None = None) -> str | None:
     """The experiment of `run_id`, or None when the store has no such run."""
     uri = resolve_tracking_uri(tracking_uri)
