@@ -281,3 +281,30 @@ def test_scoring_a_gardner_bundle_reports_the_grade_heads(gardner_run: dict,
     # the score is the main head's calibrated p(good)
     assert np.allclose(scores["score"].astype(float), scores["p_good"].astype(float))
     print(scores[["expansion_pred", "icm_pred", "te_pred", "grade_pred"]].head(8).to_string())
+
+
+def test_gardner_cross_validation_summarises_the_grade_heads(gardner_data: Path,
+                                                             tmp_path: Path) -> None:
+    from embryo_ml.config import load_config
+    from embryo_ml.train.cv import bootstrap_ci, cross_validate
+
+    cfg = load_config(None, [
+        f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1", "train.threads=1",
+        "train.batch_size=16", "labels.task=gardner", "tracking.log_checkpoint=false",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'cv.db'}",
+    ])
+    result = cross_validate(cfg, gardner_data, 2, tmp_path / "cv", progress=False, n_boot=100)
+    summary = result.summary.set_index("metric")
+    assert list(summary.index)[-3:] == ["expansion_accuracy", "icm_accuracy", "te_accuracy"]
+    for name in ("expansion", "icm", "te"):
+        folds = [json.loads((tmp_path / "cv" / f"fold{k}" / "metrics.json").read_text())
+                 for k in (0, 1)]
+        row = summary.loc[f"{name}_accuracy"]
+        assert [row["fold0"], row["fold1"]] == pytest.approx(
+            [f[f"val_{name}_accuracy"] for f in folds])
+        assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0
+    oof = result.oof
+    assert {"expansion", "expansion_pred", "icm", "icm_pred", "te", "te_pred"} <= set(oof)
+    # the head interval counts assessable rows only: all right -> [1, 1]
+    perfect = oof.assign(group=range(len(oof)), icm_pred=oof["icm"])
+    assert bootstrap_ci(perfect, "good", "icm_accuracy", n_boot=20) == (1.0, 1.0)

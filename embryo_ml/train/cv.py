@@ -5,6 +5,9 @@ on its own patients. The out-of-fold predictions of all folds together give one 
 image from a model that never saw that patient; the summary reports, per metric, the mean and
 standard deviation over folds and a 95% bootstrap confidence interval that resamples *patients*
 (images of one patient are not independent evidence).
+
+A Gardner run (`labels.task=gardner`) adds the grade heads' accuracies (`expansion_accuracy`,
+`icm_accuracy`, `te_accuracy`, over the rows where that grade is assessable) to the summary.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from embryo_ml.data.splits import group_keys, make_splits
 from embryo_ml.errors import DataError
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.train.fit import fit
+from embryo_ml.train.heads import GRADE_HEADS, head_layout
 from embryo_ml.train.metrics import binary_metrics
 from embryo_ml.train.tracking import RunTracker
 
 SUMMARY_METRICS = ("auc", "pr_auc", "balanced_accuracy", "sensitivity", "specificity")
+# `<head>_accuracy` -> head: a grade head's accuracy on its assessable rows (gardner runs)
+HEAD_METRICS = {f"{name}_accuracy": name for name, _ in GRADE_HEADS}
 
 
 @dataclass
@@ -72,6 +78,8 @@ def bootstrap_ci(
     groups = oof["group"].to_numpy()
     unique = np.unique(groups)
     rows_of = {g: np.flatnonzero(groups == g) for g in unique}
+    if metric in HEAD_METRICS:
+        return _head_ci(oof, HEAD_METRICS[metric], unique, rows_of, rng, n_boot)
     y = (oof["label"] == positive_class).to_numpy()
     p = oof[f"p_{positive_class}"].to_numpy()
     predicted = (oof["label_pred"] == positive_class).to_numpy()
@@ -81,6 +89,25 @@ def bootstrap_ci(
         values.append(_pooled_metric(y[rows], p[rows], predicted[rows], metric))
     values = np.array([v for v in values if not math.isnan(v)])
     if len(values) == 0:
+        return math.nan, math.nan
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def _head_ci(
+    oof: pd.DataFrame, head: str, unique: np.ndarray, rows_of: dict[Any, np.ndarray],
+    rng: np.random.Generator, n_boot: int,
+) -> tuple[float, float]:
+    """Bootstrap interval of a grade head's accuracy over its assessable out-of-fold rows."""
+    truth = oof[head].fillna("").astype(str).to_numpy()
+    right = (truth == oof[f"{head}_pred"].astype(str).to_numpy()).astype(float)
+    assessable = truth != ""
+    values = []
+    for _ in range(n_boot):
+        rows = np.concatenate([rows_of[g] for g in rng.choice(unique, len(unique))])
+        rows = rows[assessable[rows]]
+        if len(rows):
+            values.append(right[rows].mean())
+    if not values:
         return math.nan, math.nan
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
@@ -104,6 +131,8 @@ def cross_validate(
     table = table.assign(label=labelled.labels)
     _, groups = group_keys(table)
     fold_splits = fold_indices(table, folds, cfg.seed, splits_file)
+    metrics = SUMMARY_METRICS + tuple(
+        f"{name}_accuracy" for name in head_layout(cfg.labels.task, len(labelled.classes)))
     save_config(cfg, out_dir / "config.yaml")
     per_fold: list[dict[str, Any]] = []
     oof_parts = []
@@ -117,7 +146,7 @@ def cross_validate(
             result = fit(cfg, data, out_dir / f"fold{k}", progress=progress, split=split,
                          nested=True)
             per_fold.append({"fold": k, "run_id": result.run_id,
-                             **{m: result.metrics[f"val_{m}"] for m in SUMMARY_METRICS}})
+                             **{m: result.metrics[f"val_{m}"] for m in metrics}})
             part = pd.read_csv(out_dir / f"fold{k}" / "val_predictions.csv")
             part.insert(0, "fold", k)
             oof_parts.append(part)
@@ -128,7 +157,7 @@ def cross_validate(
                           oof.drop(columns="group").to_csv(index=False))
         folds_table = pd.DataFrame(per_fold)
         rows = []
-        for metric in SUMMARY_METRICS:
+        for metric in metrics:
             values = folds_table[metric].to_numpy(dtype=float)
             low, high = bootstrap_ci(oof, cfg.data.positive_class, metric, n_boot, cfg.seed)
             rows.append({"metric": metric, "mean": float(np.nanmean(values)),
