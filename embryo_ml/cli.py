@@ -58,7 +58,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"(best epoch {result.metrics['best_epoch']}, {result.metrics['n_val']} images)")
     print(f"run folder: {result.run_dir}")
     print(f"MLflow run id: {result.run_id}")
+    if args.register:
+        _register_trained(result.run_dir, result.run_id, result.tracking_uri, args.register)
     return 0
+
+
+def _register_trained(run_dir: Path, run_id: str, tracking_uri: str, name: str) -> None:
+    """`train --register`: what gets registered is always the scorable model, so the run's
+    best checkpoint is exported (RUN/bundle, parity-checked) and logged as the pyfunc model."""
+    from embryo_ml.export.onnx_export import export_bundle
+    from embryo_ml.export.pyfunc import log_bundle_model
+
+    bundle = export_bundle(run_dir, run_dir / "bundle")
+    logged = log_bundle_model(bundle.path, run_id=run_id, registered_name=name,
+                              tracking_uri=tracking_uri)
+    print(f"bundle: {bundle.path}")
+    print(f"registered model {name!r} version {logged.version}, alias {logged.alias!r} "
+          f"(models:/{name}@{logged.alias})")
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
@@ -233,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run from its last.pt (same MLflow run)")
+    p.add_argument("--register", metavar="NAME",
+                   help="after training, export the bundle, log it as an MLflow model and "
+                   "register it under NAME with alias 'candidate'")
     _add_overrides(p)
     p.set_defaults(func=_cmd_train)
 
