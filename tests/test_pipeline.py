@@ -43,6 +43,10 @@ def test_training_run_is_tracked_in_mlflow(trained_run: dict) -> None:
     logged = json.dumps([summary["params"], summary["tags"]])
     assert "P00" not in logged
     assert summary["tags"]["data.n_images"] == "120"
+    from importlib import metadata
+
+    for package in ("torch", "timm", "albumentations", "numpy"):  # reproducible from MLflow
+        assert summary["tags"][f"version.{package}"] == metadata.version(package)
 
 
 def test_bundle_describes_itself_and_matches_pytorch(bundle_dir: Path, trained_run: dict) -> None:

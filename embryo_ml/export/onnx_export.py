@@ -16,7 +16,6 @@ import json
 import shutil
 import tempfile
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +35,9 @@ from embryo_ml.export.bundle import (
 from embryo_ml.models import build_model
 from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
 from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
+from embryo_ml.versions import package_versions
 
 PARITY_TOLERANCE = 1e-4
-
-
-def package_versions() -> dict[str, str]:
-    names = ("embryo-ml", "torch", "timm", "onnx", "onnxruntime", "numpy", "opencv-python-headless")
-    versions = {}
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:

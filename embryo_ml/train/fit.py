@@ -85,6 +85,7 @@ from embryo_ml.train.tracking import (
     git_commit,
     resolve_tracking_uri,
 )
+from embryo_ml.versions import package_versions
 
 log = logging.getLogger(__name__)
 QUALITY_NAME = "quality.json"
@@ -390,7 +391,8 @@ def _fit(
                                 "train.channels_last_used": precision.channels_last})
             tracker.set_tags({**dataset_fingerprint(table), "git_commit": git_commit(),
                               "embryo_ml_version": embryo_ml.__version__,
-                              "torch_version": torch.__version__, "device": device.type})
+                              "torch_version": torch.__version__, "device": device.type,
+                              **{f"version.{k}": v for k, v in package_versions().items()}})
             tracker.log_artifact(run_dir / "config.yaml")
         if main:
             (run_dir / "run_id.txt").write_text(tracker.run_id or "", encoding="utf-8")
