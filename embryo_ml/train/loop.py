@@ -44,6 +44,17 @@ class Precision:
 FLOAT32 = Precision()
 
 
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Is the loss finite on this process and, under DDP, on every other one? All ranks must
+    stop together: one rank raising alone would leave the others waiting in all-reduce."""
+    bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            bad = bad.to(loss.device)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -67,7 +78,7 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         with precision.autocast(device):
             loss = criterion(model(images).float(), targets)
-        if not math.isfinite(loss.item()):
+        if not _finite_everywhere(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch}; lower train.lr or check the data"
             )
