@@ -141,6 +141,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from embryo_ml.score.scorer import ScoringInterrupted, score_images
 
+    if args.report is not None and args.report.is_dir():  # before the work, not after it
+        raise EmbryoMLError(f"--report {args.report} is a folder; give an .html file name")
     try:
         summary = score_images(args.images, args.bundle, args.out, batch_size=args.batch_size,
                                workers=args.workers, threads=args.threads,
@@ -162,6 +164,22 @@ def _cmd_score(args: argparse.Namespace) -> int:
             print(f"  {path}: {status}")
         if summary.n_failed > 10:
             print(f"  ... and {summary.n_failed - 10} more")
+    if args.report is not None:
+        _write_report(args, summary.out, args.images)
+    return 0
+
+
+def _write_report(args: argparse.Namespace, scores: Path, images: Path | None) -> None:
+    from embryo_ml.report.html import write_report
+
+    out = write_report(scores, args.bundle, args.report, images=images,
+                       heatmaps=not args.no_heatmaps, max_thumbnails=args.max_thumbnails,
+                       threads=args.threads, progress=not args.quiet)
+    print(f"report -> {out}")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    _write_report(args, args.scores, args.images)
     return 0
 
 
@@ -226,6 +244,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-heatmaps", action="store_true",
+                        help="report without heatmaps (they cost extra model runs)")
+    parser.add_argument("--max-thumbnails", type=_count, default=1000, metavar="N",
+                        help="embed pictures for at most N images in the report (default 1000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,7 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="refuse images with more pixels (decompression-bomb guard)")
+    p.add_argument("--report", type=Path, metavar="HTML",
+                   help="also write the HTML report (one self-contained file) when done")
+    _add_report_options(p)
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("report", help="HTML report of a scores file (self-contained, offline)")
+    p.add_argument("scores", type=Path, help="scores file from `score` (.csv/.jsonl/.parquet)")
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle that scored it")
+    p.add_argument("--out", dest="report", type=Path, default=Path("report.html"),
+                   metavar="HTML", help="the report to write (default: report.html)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the folder (or manifest CSV) that was scored: image paths in the "
+                   "scores are relative to it (default: the scores file's folder)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    _add_report_options(p)
+    p.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="build manifests, split, check a data set")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

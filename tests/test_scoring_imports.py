@@ -7,7 +7,8 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["embryo_ml.score", "embryo_ml.score.scorer",
-                                    "embryo_ml.export.bundle", "embryo_ml.cli"])
+                                    "embryo_ml.export.bundle", "embryo_ml.cli",
+                                    "embryo_ml.report.html"])
 def test_scoring_path_imports_neither_torch_nor_mlflow(module: str) -> None:
     code = (f"import sys, {module}; "
             "print(','.join(m for m in ('torch', 'mlflow', 'albumentations') if m in sys.modules))")

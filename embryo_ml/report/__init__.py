@@ -1,1 +1,1 @@
-"""Human-readable outputs: plots (PNG) now; the HTML report and heatmaps build on these."""
+"""Human-readable outputs: plots (PNG), augmentation previews and the HTML scoring report."""
