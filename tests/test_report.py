@@ -384,7 +384,9 @@ def test_writing_a_report_loads_neither_torch_nor_mlflow(
 # ------------------------------------------------------------------- headless Chromium ----
 
 
-def _chromium() -> str:
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser, or a skip before the session's bundle is trained for nothing."""
     for name in ("chromium", "chromium-browser"):
         found = shutil.which(name)
         if found:
@@ -402,8 +404,9 @@ def _browser(binary: str, profile: Path, url: str, *args: str) -> str:
     return done.stdout
 
 
-def test_report_in_headless_chromium(bundle_dir: Path, synth_data: Path, tmp_path: Path) -> None:
-    binary = _chromium()
+def test_report_in_headless_chromium(chromium: str, bundle_dir: Path, synth_data: Path,
+                                     tmp_path: Path) -> None:
+    binary = chromium
     manifest = pd.read_csv(synth_data, dtype=str, keep_default_na=False)
     patients = sorted(manifest["patient_id"].unique())[:3]
     chosen = manifest[manifest["patient_id"].isin(patients)]
