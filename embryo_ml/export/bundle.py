@@ -49,6 +49,10 @@ class Bundle:
     # name -> {"offset": first column, "classes": [...]}; e.g. expansion at columns 2..7.
     # The main score always comes from logits[:, :len(classes)].
     heads: dict[str, dict[str, Any]] | None = None
+    # Name of the model's class activation map output, (N, len(classes), h, w), the classifier
+    # applied at each feature-map location (see embryo_ml.score.explain); None = no heatmaps.
+    # Bundles exported before it existed have no such field and read as None.
+    cam_output: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE

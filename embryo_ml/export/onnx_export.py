@@ -4,8 +4,19 @@ The bundle is assembled in a temporary folder beside the target and renamed into
 ONNX Runtime reproduces PyTorch's probabilities (max abs difference <= `tolerance`), so a failed
 or mismatching export never leaves a bundle that looks usable.
 
-A Gardner multi-task checkpoint (`heads` in best.pt) exports the same single `logits` output,
-wider (main classes, then the grade heads); the layout goes into bundle.json as `heads`.
+A Gardner multi-task checkpoint (`heads` in best.pt) exports the same `logits` output, wider
+(main classes, then the grade heads); the layout goes into bundle.json as `heads`.
+
+Class activation map. Where the model's head allows it, the ONNX model has a second output `cam`,
+(N, K, h, w) for the K main classes: the classifier applied to the feature vector at each of the
+h x w locations of the last feature map, before pooling (CAM, Zhou et al. 2016). For a head that
+is global average pooling then a linear layer (timm ResNets, EfficientNets, RegNets, ...) this is
+exact: cam[n, k] = W_k . f(x, y) + b_k, and its spatial mean is logits[n, k]. For a head with
+per-vector layers between pooling and the linear layer (ConvNeXt: pool -> LayerNorm -> Linear)
+those layers are applied at each location instead of to the mean, an approximation whose spatial
+mean is close to, not equal to, the logit. A head that fits neither (attention pooling, max
+pooling, a convolution after the pool) gets no `cam`: the export goes on without it, says so in
+a log line, and `Bundle.cam_output` stays None. The parity check covers `cam` too.
 """
 
 from __future__ import annotations
@@ -13,13 +24,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from embryo_ml.config import ModelConfig
 from embryo_ml.data.preprocess import RESIZE_POLICY
@@ -37,18 +51,125 @@ from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
 from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
 from embryo_ml.versions import package_versions
 
+log = logging.getLogger(__name__)
+
 PARITY_TOLERANCE = 1e-4
+CAM_OUTPUT = "cam"
+CAM_PARITY_TOLERANCE = 1e-3  # max abs difference relative to the map's largest magnitude
+CAM_IDENTITY_TOLERANCE = 1e-4  # exact heads: |spatial mean of cam - logits|, relative
+
+LocalHead = Callable[[torch.Tensor], torch.Tensor]  # (N, C, h, w) features -> (N, K, h, w)
+
+
+def _linear_per_location(features: torch.Tensor, fc: nn.Module) -> torch.Tensor:
+    """Apply per-vector layers (Linear, activations, ...) to each location's channel vector."""
+    return fc(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _is_average_pool(pool: object) -> bool:
+    return getattr(pool, "pool_type", None) == "avg" and not getattr(pool, "flatten_first", False)
+
+
+def local_classifier(model: nn.Module) -> tuple[LocalHead, bool] | None:
+    """The model's classifier applied at every location of a feature map, and whether that is
+    exact (its spatial mean equals the logits); None when the head is not one we understand.
+
+    Understood: timm's `NormMlpClassifierHead` (ConvNeXt: avg pool -> norm -> pre_logits -> fc;
+    exact only when norm and pre_logits are identities) and an average pool then one linear
+    layer, as `model.global_pool` + `model.get_classifier()` or a `ClassifierHead`. The caller
+    still checks the claim on a real input (`_probe_cam`): a model whose `forward_head` does
+    more than its attributes suggest is caught there."""
+    from timm.layers import ClassifierHead, NormMlpClassifierHead
+
+    head = getattr(model, "head", None)
+    if isinstance(head, NormMlpClassifierHead):
+        if not _is_average_pool(head.global_pool) or not isinstance(head.fc, nn.Linear):
+            return None
+        if not isinstance(head.norm, nn.LayerNorm | nn.Identity):  # LayerNorm2d is a LayerNorm
+            return None
+
+        def norm_mlp(features: torch.Tensor) -> torch.Tensor:
+            x = head.norm(features)  # LayerNorm2d normalises each location's channels
+            return _linear_per_location(x, nn.Sequential(head.pre_logits, head.fc))
+
+        exact = isinstance(head.norm, nn.Identity) and isinstance(head.pre_logits, nn.Identity)
+        return norm_mlp, exact
+    if isinstance(head, ClassifierHead):
+        pool, fc = head.global_pool, head.fc
+    else:
+        pool, fc = getattr(model, "global_pool", None), model.get_classifier()
+    if not _is_average_pool(pool) or not isinstance(fc, nn.Linear):
+        return None
+    return (lambda features: _linear_per_location(features, fc)), True
+
+
+class CamModel(nn.Module):
+    """`image -> (logits, cam)`: the model's logits, computed as before, and the class activation
+    map of the first `n_classes` outputs from the same feature map."""
+
+    def __init__(self, model: nn.Module, local_head: LocalHead, n_classes: int) -> None:
+        super().__init__()
+        self.model, self.local_head, self.n_classes = model, local_head, n_classes
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(image)
+        logits = self.model.forward_head(features)
+        return logits, self.local_head(features)[:, :self.n_classes]
+
+
+def cam_model(model: nn.Module, n_classes: int, image_size: int) -> CamModel | None:
+    """`CamModel` for `model`, or None (logged) when its head gives no class activation map."""
+    found = local_classifier(model)
+    if found is None:
+        log.info("%s: head not supported for class activation maps; exporting without a "
+                 "'cam' output (no heatmaps from this bundle)", type(model).__name__)
+        return None
+    local_head, exact = found
+    wrapped = CamModel(model, local_head, n_classes).eval()
+    problem = _probe_cam(model, wrapped, image_size, exact)
+    if problem:
+        log.info("%s: %s; exporting without a 'cam' output (no heatmaps from this bundle)",
+                 type(model).__name__, problem)
+        return None
+    if not exact:
+        log.info("%s: 'cam' applies the head's per-vector layers at each location: an "
+                 "approximation (its spatial mean is close to, not equal to, the logits)",
+                 type(model).__name__)
+    return wrapped
+
+
+def _probe_cam(model: nn.Module, wrapped: CamModel, image_size: int, exact: bool) -> str:
+    """'' when the wrapped model reproduces `model`'s logits and gives a (N, K, h, w) map whose
+    spatial mean is the logits (checked only for heads claimed exact); else what went wrong."""
+    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.inference_mode():
+            expected = model(images)
+            logits, cam = wrapped(images)
+    except Exception as error:  # a head whose shapes do not fit the feature map
+        return f"class activation map failed ({error.__class__.__name__}: {error})"
+    if cam.ndim != 4 or cam.shape[:2] != (2, wrapped.n_classes):
+        return f"class activation map has shape {tuple(cam.shape)}"
+    scale = max(1.0, float(expected.abs().max()))
+    if not torch.allclose(logits, expected, atol=1e-5 * scale, rtol=0):
+        return "forward_features + forward_head do not reproduce the model's logits"
+    gap = (cam.float().mean(dim=(2, 3)) - expected[:, :wrapped.n_classes]).abs().max()
+    if exact and gap > CAM_IDENTITY_TOLERANCE * scale:
+        return "the class activation map's spatial mean differs from the logits"
+    return ""
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
-    """Dynamo export with a dynamic batch dimension; input `image`, output `logits`."""
+    """Dynamo export with a dynamic batch dimension; input `image`, output `logits`, and `cam`
+    when `model` is a `CamModel`."""
     model = model.eval()
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    outputs = ["logits", CAM_OUTPUT] if isinstance(model, CamModel) else ["logits"]
     chatter = io.StringIO()  # the exporter narrates each step on stdout
     with contextlib.redirect_stdout(chatter), torch.inference_mode(False):
         program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+            model, (example,), dynamo=True, input_names=["image"], output_names=outputs,
             dynamic_shapes=({0: batch},), verbose=False,
         )
         if program is None:
@@ -89,6 +210,66 @@ def check_parity(
     return worst
 
 
+def check_cam_parity(
+    wrapped: CamModel, onnx_path: Path, image_size: int, seed: int = 0,
+    tolerance: float = CAM_PARITY_TOLERANCE,
+) -> float:
+    """Max abs difference of the `cam` output, PyTorch vs ONNX Runtime on random input, relative
+    to the map's largest magnitude (at least 1); raises BundleError above `tolerance`."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+        with torch.inference_mode():
+            expected = wrapped(images)[1].float().numpy()
+        got = session.run([CAM_OUTPUT], {"image": images.numpy()})[0]
+        if got.shape != expected.shape:
+            raise BundleError(f"ONNX '{CAM_OUTPUT}' has shape {got.shape}, PyTorch "
+                              f"{expected.shape}")
+        scale = max(1.0, float(np.abs(expected).max()))
+        worst = max(worst, float(np.abs(expected - got).max()) / scale)
+    if worst > tolerance:
+        raise BundleError(f"ONNX Runtime disagrees with PyTorch on '{CAM_OUTPUT}': relative max "
+                          f"difference {worst:.2e} > {tolerance:.0e}")
+    return worst
+
+
+def _export_checked(
+    model: nn.Module, path: Path, size: int, classes: list[str], heads: Heads,
+) -> tuple[float, float | None]:
+    """Export `model` to `path` with a `cam` output where its head allows, else without; check
+    parity. Returns (probability difference, cam difference or None when there is no cam)."""
+    wrapped = cam_model(model, len(classes), size)
+    if wrapped is not None:
+        try:
+            export_onnx(wrapped, size, path)
+            difference = check_parity(model, path, size, n_classes=len(classes), heads=heads)
+            return difference, check_cam_parity(wrapped, path, size)
+        except Exception as error:  # the heatmap is optional: never lose the bundle for it
+            log.warning("export with a '%s' output failed (%s); exporting without it (no "
+                        "heatmaps from this bundle)", CAM_OUTPUT, error)
+    export_onnx(model, size, path)
+    return check_parity(model, path, size, n_classes=len(classes), heads=heads), None
+
+
+def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """The model of `run_dir/best.pt` in eval mode, and the checkpoint (classes, heads, input
+    size, mean/std, config)."""
+    checkpoint_path = Path(run_dir) / CHECKPOINT_NAME
+    if not checkpoint_path.is_file():
+        raise DataError(f"{run_dir}: no {CHECKPOINT_NAME}; is this a training run folder?")
+    checkpoint = load_checkpoint(checkpoint_path)
+    heads: Heads = dict(checkpoint.get("heads") or {})
+    model_cfg = ModelConfig.model_validate(
+        {**checkpoint["config"]["model"], "pretrained": False, "pretrained_file": None})
+    model = build_model(model_cfg, num_classes=output_width(len(checkpoint["classes"]), heads))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint
+
+
 def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
     """Write `out_dir/model.onnx` + `bundle.json` from `run_dir/best.pt`; return the bundle."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -97,14 +278,9 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
         raise DataError(f"{run_dir}: no {CHECKPOINT_NAME}; is this a training run folder?")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).exists():
         raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new folder")
-    checkpoint = load_checkpoint(checkpoint_path)
+    model, checkpoint = load_run_model(run_dir)
     classes = list(checkpoint["classes"])
     heads: Heads = dict(checkpoint.get("heads") or {})  # Gardner grade heads after the classes
-    model_cfg = ModelConfig.model_validate(
-        {**checkpoint["config"]["model"], "pretrained": False, "pretrained_file": None})
-    model = build_model(model_cfg, num_classes=output_width(len(classes), heads))
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
     size = int(checkpoint["image_size"])
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -114,9 +290,11 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        export_onnx(model, size, staging / MODEL_FILE)
-        difference = check_parity(model, staging / MODEL_FILE, size, n_classes=len(classes),
-                                  heads=heads)
+        difference, cam_difference = _export_checked(model, staging / MODEL_FILE, size,
+                                                     classes, heads)
+        parity = {"parity_max_abs_diff": difference}
+        if cam_difference is not None:
+            parity["parity_cam_max_rel_diff"] = cam_difference
         bundle = Bundle(
             architecture=checkpoint["model_name"], classes=classes,
             positive_class=checkpoint["positive_class"], input_size=size,
@@ -125,8 +303,9 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
             temperature=float(metrics.get("temperature", 1.0)),
             threshold=float(metrics.get("threshold", 0.5)), run_id=checkpoint.get("run_id"),
             val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")}
-            | {"parity_max_abs_diff": difference, "best_epoch": checkpoint["epoch"]},
+            | parity | {"best_epoch": checkpoint["epoch"]},
             quality=quality, heads=heads or None, versions=package_versions(),
+            cam_output=CAM_OUTPUT if cam_difference is not None else None,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         write_bundle_json(bundle, staging)
