@@ -183,6 +183,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from embryo_ml.score.explain import explain_image
+
+    result = explain_image(args.image, args.bundle, args.out, class_name=args.class_name,
+                           threads=args.threads)
+    print(f"score {result.score:.4f} (calibrated probability of {result.positive_class!r}); "
+          f"heatmap of the evidence for {result.class_name!r}")
+    print(f"wrote {args.out} (left: the image, right: the heatmap over it)")
+    return 0
+
+
 def _cmd_data_manifest(args: argparse.Namespace) -> int:
     from embryo_ml.data.manifest import build_manifest, write_manifest
 
@@ -340,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the HTML report (one self-contained file) when done")
     _add_report_options(p)
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("explain", help="heatmap of what the model looked at, for one image (PNG)")
+    p.add_argument("image", type=Path)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("overlay.png"),
+                   help="PNG: the image and its heatmap overlay side by side")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="show the evidence for this class (default: the predicted class)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="HTML report of a scores file (self-contained, offline)")
     p.add_argument("scores", type=Path, help="scores file from `score` (.csv/.jsonl/.parquet)")
