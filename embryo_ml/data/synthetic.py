@@ -25,7 +25,7 @@ import math
 import os
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -702,6 +702,8 @@ def generate_dataset(
     good_fraction: float = 0.5,
     embryos_per_patient: tuple[int, int] = (2, 6),
     progress: bool = False,
+    label_rule: str = "morphology",
+    day_good_rates: tuple[float, float] = (0.1, 0.8),
 ) -> Path:
     """Write n PNG images under out_dir/images/<label>/<embryo_id>_<focal_plane>.png and
     out_dir/manifest.csv; return the manifest path.
@@ -710,11 +712,23 @@ def generate_dataset(
     n images are written. Labels are drawn in exact proportion and shuffled, days alternate within
     each label, so every patient cohort mixes qualities and each day is about half good.
     Same arguments give byte-identical files.
+
+    `label_rule="day"` makes a *shortcut* data set for testing evaluation: the morphology is
+    drawn exactly as above (good-looking or poor-looking, half each), but the label written to
+    the manifest (and the folder) ignores it: it is `good` with probability
+    `day_good_rates[0]` for a day-3 embryo and `day_good_rates[1]` for a day-5 one, drawn
+    independently of how the embryo looks. The day (cleavage stage vs blastocyst) is plainly
+    visible, so a model can score well overall by recognising the day while knowing nothing
+    about quality within a day. The default rule leaves every draw, and so every file, as it was.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0.0 <= good_fraction <= 1.0:
         raise ValueError(f"good_fraction must be in [0, 1], got {good_fraction}")
+    if label_rule not in ("morphology", "day"):
+        raise ValueError(f"label_rule must be 'morphology' or 'day', got {label_rule!r}")
+    if not all(0.0 <= r <= 1.0 for r in day_good_rates) or len(day_good_rates) != len(DAYS):
+        raise ValueError(f"day_good_rates must be two rates in [0, 1], got {day_good_rates}")
     lo, hi = embryos_per_patient
     if lo < 1 or hi < lo:
         raise ValueError(f"embryos_per_patient must be (min, max) with 1 <= min <= max, "
@@ -754,8 +768,12 @@ def generate_dataset(
         iterator = tqdm(jobs, desc="synthetic embryos", unit="embryo")
     rows: list[dict[str, object]] = []
     remaining = n
+    label_rng = np.random.default_rng([seed, 1])  # its own stream: `rng` draws stay the same
     for pid, eid, i in iterator:
         spec = sample_embryo(rng, str(labels[i]), int(days[i]), eid, pid)
+        if label_rule == "day":  # the label follows the day only; the looks stay as drawn
+            rate = day_good_rates[DAYS.index(spec.day)]
+            spec = replace(spec, label="good" if label_rng.random() < rate else "poor")
         take = sorted(near_first[: min(focal_planes, remaining)])
         remaining -= len(take)
         for plane in take:
