@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from embryo_ml.errors import ConfigError
 from embryo_ml.fileio import atomic_write_text
@@ -100,6 +100,15 @@ class TrainConfig(_Section):
     channels_last: Literal["auto"] | bool = Field(
         "auto", description="NHWC memory format for convolutions: auto = true with CUDA"
     )
+    select_metric: Literal["auto", "auc", "mean_subgroup_auc", "within_patient_auc"] = Field(
+        "auto", description="validation metric that picks the best checkpoint (and early "
+        "stopping): auc (overall), mean_subgroup_auc (mean within-group AUC of the column "
+        "select_subgroup), within_patient_auc; auto = mean_subgroup_auc when the data has the "
+        "select_subgroup column, else auc"
+    )
+    select_subgroup: str = Field(
+        "day", min_length=1, description="the column of select_metric=mean_subgroup_auc"
+    )
 
 
 class LossConfig(_Section):
@@ -125,6 +134,41 @@ class CalibrationConfig(_Section):
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
 
 
+class EvalConfig(_Section):
+    """Evaluation reported by `train`, `cv` and `evaluate` (see `embryo_ml.evaluation`)."""
+
+    subgroups: list[str] = Field(
+        default_factory=lambda: ["day", "clinic", "focal_plane"],
+        description="manifest columns to report metrics for, per value (columns absent from "
+        "the data are listed as absent); never patient or embryo ids",
+    )
+    min_group_size: int = Field(
+        10, ge=1, description="a subgroup with fewer images is reported as too few, unscored"
+    )
+    n_boot: int = Field(
+        1000, ge=0, description="bootstrap resamples of patients for 95% intervals; 0 = none"
+    )
+    cohort_by: list[str] = Field(
+        default_factory=lambda: ["day"], description="columns that, with patient_id, make a "
+        "cohort for the within-patient metrics (one patient's embryos of one day)",
+    )
+    shortcut_margin: float = Field(
+        0.05, ge=0.0, le=1.0, description="warn when the model's AUC does not beat the AUC of "
+        "a subgroup column alone by this much"
+    )
+
+    @field_validator("subgroups")
+    @classmethod
+    def _no_identifiers(cls, columns: list[str]) -> list[str]:
+        refused = [c for c in columns if c in ("patient_id", "embryo_id", "path")]
+        if refused:
+            raise ValueError(f"{refused[0]} cannot be a subgroup (identifiers would reach "
+                             "MLflow; within-patient metrics are reported anyway)")
+        if len(set(columns)) != len(columns):
+            raise ValueError("a column is listed twice")
+        return columns
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
@@ -142,6 +186,7 @@ class Config(_Section):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

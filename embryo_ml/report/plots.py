@@ -1,4 +1,9 @@
-"""Evaluation plots as matplotlib figures (Agg backend: works headless, in CI and on servers)."""
+"""Evaluation plots as matplotlib figures (Agg backend: works headless, in CI and on servers).
+
+ROC and PR curves with their AUC, ROC curves of each subgroup on one figure, the score
+distribution per class, the confusion matrix, the reliability diagram and training curves.
+Training and cross-validation log them to MLflow; `embryo-ml evaluate` saves them as PNGs.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import auc as area_under  # noqa: E402
-from sklearn.metrics import roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 
 def confusion_matrix_figure(
@@ -50,7 +55,8 @@ def roc_figure(y_true: np.ndarray, p_positive: np.ndarray, positive_class: str) 
 
 
 def training_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
-    """Loss (left) and validation AUC (right) per epoch."""
+    """Loss (left) and validation AUC (right) per epoch; the right panel also shows the
+    within-group AUC that selects the checkpoint (`val_within_<column>_auc`) when there is one."""
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
     left.plot(epochs, [row["train_loss"] for row in history], label="train")
@@ -58,7 +64,13 @@ def training_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     left.set_xlabel("epoch")
     left.set_title("loss")
     left.legend()
-    right.plot(epochs, [row["val_auc"] for row in history], c="C2")
+    right.plot(epochs, [row["val_auc"] for row in history], c="C2", label="overall")
+    within = sorted({k for row in history for k in row if k.startswith("val_within_")})
+    for i, key in enumerate(within):
+        right.plot(epochs, [row.get(key, np.nan) for row in history], c=f"C{3 + i}",
+                   label=key.removeprefix("val_").replace("_", " "))
+    if within:
+        right.legend(fontsize="small")
     right.set_xlabel("epoch")
     right.set_title("validation ROC AUC")
     fig.tight_layout()
@@ -66,15 +78,20 @@ def training_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
 
 
 def reliability_figure(
-    y_true: np.ndarray, p_before: np.ndarray, p_after: np.ndarray, temperature: float
+    y_true: np.ndarray, p_before: np.ndarray | None, p_after: np.ndarray,
+    temperature: float | None = None,
 ) -> Figure:
     """Observed positive rate against mean predicted probability per bin, before and after
-    temperature scaling; the diagonal is perfect calibration."""
+    temperature scaling (or, with `p_before=None`, of the scores as given); the diagonal is
+    perfect calibration."""
     from embryo_ml.train.calibration import expected_calibration_error, reliability_bins
 
     fig, ax = plt.subplots(figsize=(4.4, 4.4))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    for p, name in ((p_before, "before"), (p_after, f"after (T={temperature:.2f})")):
+    curves = [(p_after, "scores" if temperature is None else f"after (T={temperature:.2f})")]
+    if p_before is not None:
+        curves.insert(0, (p_before, "before"))
+    for p, name in curves:
         predicted, observed, _ = reliability_bins(y_true, p)
         ece = expected_calibration_error(y_true, p)
         ax.plot(predicted, observed, marker="o", label=f"{name}, ECE {ece:.3f}")
@@ -84,6 +101,90 @@ def reliability_figure(
     ax.set_ylabel("observed rate")
     ax.set_title("Reliability diagram")
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def pr_figure(y_true: np.ndarray, p_positive: np.ndarray, positive_class: str) -> Figure:
+    """Precision against recall; the dotted line is the share of positives (a random score)."""
+    y_true = np.asarray(y_true, dtype=bool)
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    if len(np.unique(y_true)) == 2:
+        precision, recall, _ = precision_recall_curve(y_true, p_positive)
+        ap = average_precision_score(y_true, p_positive)
+        ax.step(recall, precision, where="post", lw=2, label=f"PR AUC (AP) = {ap:.3f}")
+        ax.axhline(y_true.mean(), ls=":", c="grey", lw=1,
+                   label=f"share of {positive_class} = {y_true.mean():.2f}")
+        ax.legend(loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "one class only: no PR curve", ha="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"recall ({positive_class})")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall curve")
+    fig.tight_layout()
+    return fig
+
+
+def score_distribution_figure(
+    y_true: np.ndarray, p_positive: np.ndarray, positive_class: str,
+    negative_class: str = "other", threshold: float | None = None,
+) -> Figure:
+    """Histograms of the positive-class score for each true class (and the threshold)."""
+    y_true = np.asarray(y_true, dtype=bool)
+    p_positive = np.asarray(p_positive, dtype=float)
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    bins = np.linspace(0, 1, 21)
+    for mask, name, colour in ((~y_true, negative_class, "C1"), (y_true, positive_class, "C0")):
+        ax.hist(p_positive[mask], bins=bins, alpha=0.55, color=colour,
+                label=f"true {name} (n={int(mask.sum())})")
+    if threshold is not None:
+        ax.axvline(threshold, ls="--", c="black", lw=1, label=f"threshold {threshold:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"score (probability of {positive_class})")
+    ax.set_ylabel("images")
+    ax.set_title("Score distribution per class")
+    ax.legend(loc="upper center", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def subgroup_roc_figure(
+    y_true: np.ndarray, p_positive: np.ndarray, values: np.ndarray, column: str,
+    positive_class: str, min_size: int = 1,
+) -> Figure:
+    """One ROC curve per value of `column` (groups with both classes and `min_size` images),
+    and the overall curve dashed, on one figure: curves far below the overall one mean the
+    overall AUC comes partly from telling the groups apart."""
+    y_true = np.asarray(y_true, dtype=bool)
+    p_positive = np.asarray(p_positive, dtype=float)
+    from embryo_ml.evaluation.shortcut import column_values, natural_key
+
+    values = column_values(values)
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    skipped = []
+    for value in sorted(set(values), key=natural_key):
+        mask = values == value
+        y, p = y_true[mask], p_positive[mask]
+        if mask.sum() < min_size or len(np.unique(y)) < 2:
+            skipped.append(value)
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=1.6, label=f"{column}={value}: AUC {area_under(fpr, tpr):.3f} "
+                                         f"(n={int(mask.sum())})")
+    if len(np.unique(y_true)) == 2:
+        fpr, tpr, _ = roc_curve(y_true, p_positive)
+        ax.plot(fpr, tpr, lw=1.4, ls="--", c="black",
+                label=f"all: AUC {area_under(fpr, tpr):.3f}")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
+    if skipped:
+        ax.text(0.98, 0.02, "not drawn (one class or too few): " + ", ".join(skipped),
+                ha="right", va="bottom", fontsize="x-small", transform=ax.transAxes)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({positive_class})")
+    ax.set_title(f"ROC curve per {column}")
+    ax.legend(loc="center right", fontsize="x-small")
     fig.tight_layout()
     return fig
 

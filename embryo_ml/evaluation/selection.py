@@ -1,0 +1,88 @@
+"""Which validation number picks the best checkpoint (`train.select_metric`).
+
+- `auc`: the overall ROC AUC.
+- `mean_subgroup_auc`: the mean within-group AUC of the column `train.select_subgroup`
+  (default `day`) over its validation groups with both classes and `eval.min_group_size`
+  images: named `within_<column>_auc`, e.g. `within_day_auc`.
+- `within_patient_auc`: the mean AUC within each patient's cohort (see `cohort_metrics`).
+- `auto` (default): `mean_subgroup_auc` when the data has the `select_subgroup` column and
+  the validation split has a group to compute it on, else `auc`. On data with a `day` column a
+  model is then chosen for ranking embryos of one day, not for telling the days apart.
+
+The choice is made once, before training, from the validation rows' metadata (which groups
+have both classes does not change between epochs), so every epoch is judged by the same
+number; an explicit choice that cannot be computed on this split is a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from embryo_ml.config import Config
+from embryo_ml.errors import ConfigError
+from embryo_ml.evaluation.cohort_metrics import within_patient_metrics
+from embryo_ml.evaluation.metrics import roc_auc
+from embryo_ml.evaluation.subgroups import mean_group_auc, ok_groups
+
+
+@dataclass
+class Selection:
+    metric: str  # the resolved name: auc, within_<column>_auc or within_patient_auc
+    note: str  # why, for the log
+    meta: pd.DataFrame | None = None  # validation rows' metadata, in validation order
+    column: str | None = None
+    min_size: int = 1
+    cohort_by: tuple[str, ...] = ()
+
+    def score(self, y: np.ndarray, p: np.ndarray) -> float:
+        """The selection metric of validation predictions `p` (positive-class probability)."""
+        y = np.asarray(y, dtype=bool)
+        if self.metric == "auc":
+            return float(roc_auc(y, p)[0])
+        assert self.meta is not None
+        if self.metric == "within_patient_auc":
+            frame = self.meta.assign(y=y, score=np.asarray(p, dtype=float))
+            return float(within_patient_metrics(frame, None, self.cohort_by)[self.metric])
+        values = self.meta[self.column].to_numpy(dtype=object)
+        return float(mean_group_auc(y, p, values, self.min_size)[0])
+
+
+def resolve_selection(cfg: Config, meta: pd.DataFrame, y: np.ndarray) -> Selection:
+    """The `Selection` for validation rows `meta` (manifest columns) with labels `y`."""
+    choice, column = cfg.train.select_metric, cfg.train.select_subgroup
+    min_size = cfg.eval.min_group_size
+    y = np.asarray(y, dtype=bool)
+    meta = meta.reset_index(drop=True)
+    if choice == "auc":
+        return Selection("auc", "train.select_metric=auc")
+    if choice == "within_patient_auc":
+        if "patient_id" not in meta.columns:
+            raise ConfigError("train.select_metric=within_patient_auc needs a patient_id "
+                              "column in the data")
+        keep = [c for c in ("patient_id", "embryo_id", *cfg.eval.cohort_by) if c in meta.columns]
+        selection = Selection("within_patient_auc", "train.select_metric=within_patient_auc",
+                              meta[keep], cohort_by=tuple(cfg.eval.cohort_by))
+        probe = within_patient_metrics(meta[keep].assign(y=y, score=0.0), None,
+                                       cfg.eval.cohort_by)
+        if not probe["n_cohorts_both_classes"]:
+            raise ConfigError("train.select_metric=within_patient_auc: no patient cohort in "
+                              "the validation split has both classes")
+        return selection
+    present = column in meta.columns
+    usable = present and bool(ok_groups(y, meta[column].to_numpy(dtype=object), min_size))
+    if choice == "mean_subgroup_auc" and not usable:
+        why = ("the data has no column" if not present else
+               f"no value of it in the validation split has both classes and "
+               f"eval.min_group_size={min_size} images")
+        raise ConfigError(f"train.select_metric=mean_subgroup_auc with "
+                          f"train.select_subgroup={column}: {why}")
+    if usable:
+        return Selection(f"within_{column}_auc", f"train.select_metric={choice}: mean "
+                         f"within-{column} AUC", meta[[column]], column, min_size)
+    note = (f"train.select_metric=auto: overall AUC (the data has no '{column}' column)"
+            if not present else f"train.select_metric=auto: overall AUC (no '{column}' group "
+            "of the validation split has both classes and eval.min_group_size images)")
+    return Selection("auc", note)
