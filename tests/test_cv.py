@@ -29,12 +29,23 @@ def test_cross_validation_runs_and_tracks_folds(synth_data: Path, tmp_path: Path
     folds_per_patient = oof.assign(patient=oof["path"].map(patient)).groupby("patient")["fold"]
     assert (folds_per_patient.nunique() == 1).all()
     summary = result.summary.set_index("metric")
-    assert list(summary.index) == ["auc", "pr_auc", "balanced_accuracy", "sensitivity",
-                                   "specificity"]
+    assert list(summary.index)[:5] == ["auc", "pr_auc", "balanced_accuracy", "sensitivity",
+                                       "specificity"]
+    # the pooled evaluation's headline numbers join the table (issue #7)
+    assert {"ece", "within_day_auc", "within_patient_auc", "top1_accuracy"} <= set(summary.index)
     for metric, row in summary.iterrows():
-        assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0, metric
-        assert row["mean"] == pytest.approx(np.mean([row["fold0"], row["fold1"], row["fold2"]]))
+        folds = np.array([row["fold0"], row["fold1"], row["fold2"]], dtype=float)
+        if metric in ("ece", *list(summary.index)[:5]):
+            assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0, metric
+        if np.isfinite(folds).all():
+            assert row["mean"] == pytest.approx(folds.mean())
     assert "95% CI" in format_summary(result.summary)
+    text = format_summary(result.summary, result.evaluation)
+    assert "day=3" in text and "shortcut baselines" in text and "within-patient ranking" in text
+    subgroups = pd.read_csv(tmp_path / "cv" / "cv_subgroups.csv")
+    assert subgroups["n"].iloc[0] == len(manifest)  # the pooled (all) row
+    assert [s.fit_on for s in result.evaluation.shortcuts] == [
+        "each fold's training rows (out of fold)"]
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("embryo-ml").experiment_id
     children = client.search_runs([experiment],
@@ -42,6 +53,11 @@ def test_cross_validation_runs_and_tracks_folds(synth_data: Path, tmp_path: Path
     assert len(children) == 3
     parent = client.get_run(result.parent_run_id)
     assert "cv_auc_mean" in parent.data.metrics and "cv_auc_ci_low" in parent.data.metrics
+    assert "cv_within_day_auc_mean" in parent.data.metrics
+    assert "cv_eval.shortcut.day.baseline_auc" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/roc_by_day.png", "plots/pr_curve.png", "plots/score_distribution.png",
+            "plots/reliability_diagram.png"} <= artifacts
 
 
 def test_bootstrap_ci_resamples_patients() -> None:

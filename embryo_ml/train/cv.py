@@ -8,6 +8,13 @@ standard deviation over folds and a 95% bootstrap confidence interval that resam
 
 A Gardner run (`labels.task=gardner`) adds the grade heads' accuracies (`expansion_accuracy`,
 `icm_accuracy`, `te_accuracy`, over the rows where that grade is assessable) to the summary.
+
+The pooled out-of-fold predictions are also evaluated by `embryo_ml.evaluation`: metrics per
+subgroup (`cv_subgroups.csv`), shortcut baselines whose per-value rates are fit on each fold's
+training rows (so the baseline is out-of-fold too), and within-patient ranking. Their headline
+numbers (`ece`, `within_<column>_auc`, `within_patient_auc`, `top1_accuracy`, ...) join the
+summary table (before the grade heads): per-fold values from each fold's own evaluation, the
+interval from the pooled one.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +35,14 @@ from embryo_ml.data.labels import build_targets
 from embryo_ml.data.manifest import load_table, read_manifest
 from embryo_ml.data.splits import group_keys, make_splits
 from embryo_ml.errors import DataError
+from embryo_ml.evaluation import metrics as weighted
+from embryo_ml.evaluation.bootstrap import GroupBootstrap
+from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
+from embryo_ml.evaluation.shortcut import baseline_scores
 from embryo_ml.fileio import atomic_write_text
-from embryo_ml.train.fit import fit
+from embryo_ml.report.plots import reliability_figure
+from embryo_ml.train.fit import evaluation_frame, fit
 from embryo_ml.train.heads import GRADE_HEADS, head_layout
-from embryo_ml.train.metrics import binary_metrics
 from embryo_ml.train.tracking import RunTracker
 
 SUMMARY_METRICS = ("auc", "pr_auc", "balanced_accuracy", "sensitivity", "specificity")
@@ -44,6 +56,7 @@ class CVResult:
     out_dir: Path
     summary: pd.DataFrame  # one row per metric: mean, std, ci_low, ci_high, per-fold values
     oof: pd.DataFrame
+    evaluation: Evaluation | None = field(default=None)  # the pooled out-of-fold evaluation
 
 
 def fold_indices(
@@ -73,57 +86,81 @@ def fold_indices(
 def bootstrap_ci(
     oof: pd.DataFrame, positive_class: str, metric: str, n_boot: int = 1000, seed: int = 0,
 ) -> tuple[float, float]:
-    """95% percentile interval of `metric` over bootstrap resamples of groups (patients)."""
-    rng = np.random.default_rng(seed)
-    groups = oof["group"].to_numpy()
-    unique = np.unique(groups)
-    rows_of = {g: np.flatnonzero(groups == g) for g in unique}
-    if metric in HEAD_METRICS:
-        return _head_ci(oof, HEAD_METRICS[metric], unique, rows_of, rng, n_boot)
+    """95% percentile interval of `metric` over bootstrap resamples of groups (patients), by
+    `embryo_ml.evaluation.bootstrap`; thresholded metrics use each fold's own decision."""
+    resampler = GroupBootstrap(oof["group"].to_numpy(), n_boot, seed)
+    return resampler.interval(_weighted_metric(oof, positive_class, metric))
+
+
+def _weighted_metric(
+    oof: pd.DataFrame, positive_class: str, metric: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`metric` of the pooled out-of-fold rows under bootstrap row weights."""
+    if metric in HEAD_METRICS:  # a grade head's accuracy over its assessable rows
+        head = HEAD_METRICS[metric]
+        truth = oof[head].fillna("").astype(str).to_numpy()
+        right = truth == oof[f"{head}_pred"].astype(str).to_numpy()
+        return lambda w: weighted.share(right, truth != "", w)
     y = (oof["label"] == positive_class).to_numpy()
-    p = oof[f"p_{positive_class}"].to_numpy()
+    p = oof[f"p_{positive_class}"].to_numpy(dtype=float)
     predicted = (oof["label_pred"] == positive_class).to_numpy()
-    values = []
-    for _ in range(n_boot):
-        rows = np.concatenate([rows_of[g] for g in rng.choice(unique, len(unique))])
-        values.append(_pooled_metric(y[rows], p[rows], predicted[rows], metric))
-    values = np.array([v for v in values if not math.isnan(v)])
-    if len(values) == 0:
-        return math.nan, math.nan
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+    functions: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "auc": lambda w: weighted.roc_auc(y, p, w),
+        "pr_auc": lambda w: weighted.average_precision(y, p, w),
+        "balanced_accuracy": lambda w: weighted.balanced_accuracy(y, predicted, w),
+        "sensitivity": lambda w: weighted.share(predicted, y, w),
+        "specificity": lambda w: weighted.share(~predicted, ~y, w),
+    }
+    return functions[metric]
 
 
-def _head_ci(
-    oof: pd.DataFrame, head: str, unique: np.ndarray, rows_of: dict[Any, np.ndarray],
-    rng: np.random.Generator, n_boot: int,
-) -> tuple[float, float]:
-    """Bootstrap interval of a grade head's accuracy over its assessable out-of-fold rows."""
-    truth = oof[head].fillna("").astype(str).to_numpy()
-    right = (truth == oof[f"{head}_pred"].astype(str).to_numpy()).astype(float)
-    assessable = truth != ""
-    values = []
-    for _ in range(n_boot):
-        rows = np.concatenate([rows_of[g] for g in rng.choice(unique, len(unique))])
-        rows = rows[assessable[rows]]
-        if len(rows):
-            values.append(right[rows].mean())
-    if not values:
-        return math.nan, math.nan
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+def _pooled_evaluation(
+    cfg: Config, table: pd.DataFrame, oof: pd.DataFrame,
+    fold_splits: list[tuple[np.ndarray, np.ndarray]], n_boot: int,
+) -> tuple[Evaluation, pd.DataFrame]:
+    """The out-of-fold rows through `embryo_ml.evaluation`; each row's shortcut-baseline score
+    comes from the rates of its own fold's training rows. Returns the frame it read too."""
+    positive = cfg.data.positive_class
+    row_of = {path: i for i, path in enumerate(table["path"])}
+    rows = np.array([row_of[path] for path in oof["path"]])
+    frame = evaluation_frame(table, rows, positive, cfg.labels.grade_column).assign(
+        score=oof[f"p_{positive}"].to_numpy(dtype=float),
+        predicted=(oof["label_pred"] == positive).to_numpy())
+    position = {path: i for i, path in enumerate(oof["path"])}
+    y = (table["label"] == positive).to_numpy()
+    columns = [c for c in cfg.eval.subgroups if c in table.columns]
+    baselines = {c: np.full(len(oof), np.nan) for c in columns}
+    for train_idx, val_idx in fold_splits:
+        where = [position[table["path"].iloc[i]] for i in val_idx]
+        for column in columns:
+            values = table[column].to_numpy(dtype=object)
+            baselines[column][where] = baseline_scores(values[train_idx], y[train_idx],
+                                                       values[val_idx])
+    eval_cfg = cfg.eval.model_copy(update={"n_boot": n_boot})
+    evaluation = evaluate_predictions(frame, eval_cfg, positive, cfg.seed, baselines=baselines,
+                                      baseline_source="each fold's training rows (out of fold)")
+    return evaluation, frame
 
 
-def _pooled_metric(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, metric: str) -> float:
-    """A metric on pooled out-of-fold rows; thresholded metrics use each fold's own decision."""
-    if metric in ("auc", "pr_auc"):
-        return binary_metrics(y, p)[metric]
-    return binary_metrics(y, predicted.astype(float), threshold=0.5)[metric]
+def _pooled_interval(evaluation: Evaluation, metric: str) -> tuple[float, float]:
+    """The pooled evaluation's 95% interval of a headline metric (NaN where it has none)."""
+    if metric == "ece":
+        return evaluation.overall["ece_ci_low"], evaluation.overall["ece_ci_high"]
+    column = metric.removeprefix("within_").removesuffix("_auc")
+    if metric.startswith("within_") and column in evaluation.within:
+        low, high = evaluation.within[column]["ci"]
+        return low, high
+    low, high = evaluation.cohort.get(f"{metric}_ci", [math.nan, math.nan])
+    return low, high
 
 
 def cross_validate(
     cfg: Config, data: str | os.PathLike[str], folds: int, out_dir: str | os.PathLike[str],
     splits_file: str | os.PathLike[str] | None = None, progress: bool = True,
-    n_boot: int = 1000,
+    n_boot: int | None = None,
 ) -> CVResult:
+    """`folds` grouped folds (or those of `splits_file`), each a nested `fit`; `n_boot`
+    patient resamples for every interval (default `eval.n_boot`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = load_table(data)
@@ -131,6 +168,7 @@ def cross_validate(
     table = table.assign(label=labelled.labels)
     _, groups = group_keys(table)
     fold_splits = fold_indices(table, folds, cfg.seed, splits_file)
+    n_boot = cfg.eval.n_boot if n_boot is None else n_boot
     metrics = SUMMARY_METRICS + tuple(
         f"{name}_accuracy" for name in head_layout(cfg.labels.task, len(labelled.classes)))
     save_config(cfg, out_dir / "config.yaml")
@@ -146,7 +184,9 @@ def cross_validate(
             result = fit(cfg, data, out_dir / f"fold{k}", progress=progress, split=split,
                          nested=True)
             per_fold.append({"fold": k, "run_id": result.run_id,
-                             **{m: result.metrics[f"val_{m}"] for m in metrics}})
+                             **{m: result.metrics[f"val_{m}"] for m in metrics},
+                             "headline": {k: v for k, v in result.metrics.items()
+                                          if isinstance(v, int | float)}})
             part = pd.read_csv(out_dir / f"fold{k}" / "val_predictions.csv")
             part.insert(0, "fold", k)
             oof_parts.append(part)
@@ -155,33 +195,60 @@ def cross_validate(
         oof["group"] = [group_of[p] for p in oof["path"]]
         atomic_write_text(out_dir / "oof_predictions.csv",
                           oof.drop(columns="group").to_csv(index=False))
+        evaluation, frame = _pooled_evaluation(cfg, table, oof, fold_splits, n_boot)
+        headline = list(evaluation.headline())
+        for entry in per_fold:
+            numbers = entry.pop("headline")
+            entry.update({m: numbers.get(f"val_{m}", math.nan) for m in headline})
         folds_table = pd.DataFrame(per_fold)
         rows = []
-        for metric in metrics:
+        for metric in (*SUMMARY_METRICS, *headline, *metrics[len(SUMMARY_METRICS):]):
             values = folds_table[metric].to_numpy(dtype=float)
-            low, high = bootstrap_ci(oof, cfg.data.positive_class, metric, n_boot, cfg.seed)
-            rows.append({"metric": metric, "mean": float(np.nanmean(values)),
-                         "std": float(np.nanstd(values, ddof=1)) if len(values) > 1 else math.nan,
+            if metric in headline:
+                low, high = _pooled_interval(evaluation, metric)
+            else:
+                low, high = bootstrap_ci(oof, cfg.data.positive_class, metric, n_boot, cfg.seed)
+            finite = values[np.isfinite(values)]
+            rows.append({"metric": metric,
+                         "mean": float(finite.mean()) if len(finite) else math.nan,
+                         "std": float(finite.std(ddof=1)) if len(finite) > 1 else math.nan,
                          "ci_low": low, "ci_high": high,
                          **{f"fold{k}": v for k, v in enumerate(values)}})
         summary = pd.DataFrame(rows)
         atomic_write_text(out_dir / "cv_summary.csv", summary.to_csv(index=False))
+        atomic_write_text(out_dir / "cv_subgroups.csv", evaluation.table().to_csv(index=False))
         atomic_write_text(out_dir / "cv_summary.json", json.dumps(
             {"parent_run_id": parent.run_id, "folds": per_fold,
-             "summary": summary.to_dict(orient="records")}, indent=2, default=float))
+             "summary": summary.to_dict(orient="records"),
+             "evaluation": evaluation.to_json()}, indent=2, default=float))
         parent.log_metrics({f"cv_{r['metric']}_{stat}": r[stat] for r in rows
                             for stat in ("mean", "std", "ci_low", "ci_high")})
-        for name in ("cv_summary.csv", "cv_summary.json", "oof_predictions.csv"):
+        parent.log_metrics({f"cv_eval.{k}": v for k, v in evaluation.flat_metrics().items()})
+        if evaluation.warnings:
+            parent.set_tags({"eval.shortcut_warning": ",".join(
+                s.column for s in evaluation.shortcuts if s.warning)})
+        negative = next((c for c in labelled.classes if c != cfg.data.positive_class), "other")
+        for name, figure in evaluation_figures(frame, evaluation, negative).items():
+            parent.log_figure(figure, f"plots/{name}")
+        parent.log_figure(reliability_figure(frame["y"].to_numpy(), None,
+                                             frame["score"].to_numpy()),
+                          "plots/reliability_diagram.png")
+        for name in ("cv_summary.csv", "cv_summary.json", "cv_subgroups.csv",
+                     "oof_predictions.csv"):
             parent.log_artifact(out_dir / name)
-        return CVResult(parent.run_id or "", out_dir, summary, oof.drop(columns="group"))
+        return CVResult(parent.run_id or "", out_dir, summary, oof.drop(columns="group"),
+                        evaluation)
 
 
-def format_summary(summary: pd.DataFrame) -> str:
-    """The CV table as a person reads it: metric, mean +- std, 95% CI, per-fold values."""
+def format_summary(summary: pd.DataFrame, evaluation: Evaluation | None = None) -> str:
+    """The CV table as a person reads it: metric, mean +- std, 95% CI, per-fold values; then,
+    given the pooled `evaluation`, its subgroup table, shortcut baselines and ranking metrics."""
     fold_columns = [c for c in summary.columns if c.startswith("fold")]
-    lines = [f"{'metric':<18} {'mean':>6} {'std':>6}   {'95% CI (patients)':<17}  per fold"]
+    lines = [f"{'metric':<26} {'mean':>6} {'std':>6}   {'95% CI (patients)':<17}  per fold"]
     for _, row in summary.iterrows():
         folds = " ".join(f"{row[c]:.3f}" for c in fold_columns)
-        lines.append(f"{row['metric']:<18} {row['mean']:6.3f} {row['std']:6.3f}   "
+        lines.append(f"{row['metric']:<26} {row['mean']:6.3f} {row['std']:6.3f}   "
                      f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]  {folds}")
+    if evaluation is not None:
+        lines += ["", "pooled out-of-fold predictions:", evaluation.format()]
     return "\n".join(lines)

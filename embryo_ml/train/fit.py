@@ -1,8 +1,14 @@
 """One training run end to end: data -> grouped split -> model -> epochs -> best checkpoint.
 
 The run directory receives, as they happen: `config.yaml` (resolved), `best.pt` (best validation
-AUC so far, written atomically), `history.csv`, and at the end `metrics.json` and
-`val_predictions.csv`. MLflow receives the same, plus plots and the dataset fingerprint.
+score so far by `train.select_metric`, written atomically), `history.csv`, and at the end
+`metrics.json`, `val_predictions.csv` and `subgroup_metrics.csv`. MLflow receives the same,
+plus plots and the dataset fingerprint.
+
+The final validation is evaluated by `embryo_ml.evaluation` (subgroups, shortcut baselines fit
+on the training rows, within-patient ranking): `metrics.json` holds it under `evaluation`, its
+headline numbers as `val_within_<column>_auc`, `val_within_patient_auc`, `val_top1_accuracy`,
+..., and the checkpoint metric as `select_metric` / `best_score`.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from embryo_ml.data.manifest import load_table
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import ConfigError
+from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
+from embryo_ml.evaluation.selection import Selection, resolve_selection
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.models import build_model, model_normalization
 from embryo_ml.report.plots import (
     confusion_matrix_figure,
     reliability_figure,
-    roc_figure,
     training_curves_figure,
 )
 from embryo_ml.score.quality import QualityThresholds, fit_thresholds
@@ -222,6 +229,29 @@ def _val_metrics(logits: np.ndarray, targets: np.ndarray, positive_index: int) -
     return binary_metrics(targets == positive_index, probs[:, positive_index])
 
 
+def evaluation_frame(table: pd.DataFrame, rows: np.ndarray, positive_class: str,
+                      grade_column: str) -> pd.DataFrame:
+    """Manifest columns of `rows` with `y` (is the positive class) for `embryo_ml.evaluation`;
+    the Gardner grade goes under `grade` whatever its manifest column is called."""
+    frame = table.iloc[rows].reset_index(drop=True)
+    if grade_column != "grade" and grade_column in frame.columns:
+        frame = frame.drop(columns="grade", errors="ignore").rename(columns={grade_column: "grade"})
+    return frame.assign(y=(frame["label"] == positive_class).to_numpy())
+
+
+def _evaluate_validation(
+    cfg: Config, table: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
+    p_positive: np.ndarray, predicted_positive: np.ndarray,
+) -> tuple[Evaluation, pd.DataFrame]:
+    """The final validation predictions through `embryo_ml.evaluation` (shortcut baselines fit
+    on the training rows); returns the evaluation and the frame it read."""
+    positive = cfg.data.positive_class
+    frame = evaluation_frame(table, val_idx, positive, cfg.labels.grade_column).assign(
+        score=p_positive, predicted=predicted_positive)
+    train = evaluation_frame(table, train_idx, positive, cfg.labels.grade_column)
+    return evaluate_predictions(frame, cfg.eval, positive, cfg.seed, train=train), frame
+
+
 def _parameter_groups(model: nn.Module, cfg: Config) -> tuple[list[dict], list[nn.Parameter]]:
     """Backbone and head as two optimizer groups (separate learning rates); returns the groups
     and the backbone parameters (frozen during `freeze_backbone_epochs`)."""
@@ -288,6 +318,8 @@ def _fit(
         (train_idx, val_idx), group_column = split, "given"
 
     main = context.is_main  # the one process that writes files and talks to MLflow
+    selection: Selection = resolve_selection(
+        cfg, table.iloc[val_idx], targets[val_idx] == positive_index)
     if context.enabled and cfg.train.weighted_sampler:
         raise ConfigError("train.weighted_sampler is not available with torchrun (DDP); use "
                           "loss.class_weights=auto instead")
@@ -400,6 +432,7 @@ def _fit(
             log.info("MLflow run %s; %d train / %d val images grouped by %s%s", tracker.run_id,
                      len(train_idx), len(val_idx), group_column,
                      f"; {context.world_size} DDP processes" if context.enabled else "")
+            log.info("best checkpoint by %s (%s)", selection.metric, selection.note)
 
         for epoch in range(first_epoch, cfg.train.epochs):
             if stale and cfg.train.patience and stale >= cfg.train.patience:
@@ -416,6 +449,9 @@ def _fit(
             out = main_output(full, len(classes))  # all below reads the main classes only
             metrics = {**_val_metrics(out.logits, out.targets, positive_index),
                        **head_accuracies(full.logits, full.targets, heads)}
+            if selection.metric != "auc":  # the same gathered rows on every rank
+                metrics[selection.metric] = selection.score(
+                    out.targets == positive_index, softmax(out.logits)[:, positive_index])
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
                    **{f"val_{k}": v for k, v in metrics.items()},
                    "lr": optimizer.param_groups[-1]["lr"],
@@ -425,7 +461,8 @@ def _fit(
             if main:
                 atomic_write_text(run_dir / "history.csv",
                                   pd.DataFrame(history).to_csv(index=False))
-            score = metrics["auc"] if not math.isnan(metrics["auc"]) else -out.loss
+            chosen = metrics[selection.metric]
+            score = chosen if not math.isnan(chosen) else -out.loss
             if score > best_score:
                 best_score, best_epoch, stale = score, epoch, 0
                 _save_on_main(main, {
@@ -447,8 +484,11 @@ def _fit(
                 "scaler": precision.scaler.state_dict() if precision.scaler else None,
             }, run_dir / LAST_NAME)
             if progress and main:
+                chosen_text = ("" if selection.metric == "auc" else
+                               f"  val_{selection.metric} {metrics[selection.metric]:.4f}")
                 print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {out.loss:.4f}  "
-                      f"val_auc {metrics['auc']:.4f}  ({row['epoch_seconds']:.1f}s)", flush=True)
+                      f"val_auc {metrics['auc']:.4f}{chosen_text}  "
+                      f"({row['epoch_seconds']:.1f}s)", flush=True)
             if cfg.train.patience and stale >= cfg.train.patience:
                 log.info("early stop at epoch %d (best epoch %d)", epoch, best_epoch)
                 break
@@ -462,17 +502,28 @@ def _fit(
         probs = softmax(out.logits, calibrated["temperature"])
         is_positive = out.targets == positive_index
         metrics = binary_metrics(is_positive, probs[:, positive_index], calibrated["threshold"])
-        matrix = confusion(out.targets, predict_classes(probs, positive_index,
-                                                        calibrated["threshold"]), len(classes))
+        predicted = predict_classes(probs, positive_index, calibrated["threshold"])
+        matrix = confusion(out.targets, predicted, len(classes))
+        evaluation, eval_frame = _evaluate_validation(
+            cfg, table, train_idx, val_idx, probs[:, positive_index], predicted == positive_index)
         final = {**{f"val_{k}": v for k, v in metrics.items()}, "val_loss": out.loss,
+                 **{f"val_{k}": v for k, v in evaluation.headline().items()},
+                 "select_metric": selection.metric, "best_score": best_score,
                  **calibrated, "best_epoch": best_epoch, "epochs_run": len(history),
                  "n_train": len(train_idx), "n_val": len(val_idx), "classes": classes,
                  "positive_class": cfg.data.positive_class,
                  "val_confusion_matrix": matrix.tolist(),
-                 **head_summary(full.logits, full.targets, heads), "run_id": tracker.run_id}
+                 **head_summary(full.logits, full.targets, heads), "run_id": tracker.run_id,
+                 "shortcut_warnings": evaluation.warnings, "evaluation": evaluation.to_json()}
         if not main:
             return FitResult("", run_dir, final, tracker.tracking_uri)
+        if progress:
+            print(evaluation.format(), flush=True)
+        else:
+            for warning in evaluation.warnings:
+                log.warning("%s", warning.removeprefix("WARNING: "))
         _write_json(final, run_dir / "metrics.json")
+        atomic_write_text(run_dir / "subgroup_metrics.csv", evaluation.table().to_csv(index=False))
         _write_json(quality_thresholds([paths[i] for i in train_idx], out.logits, cfg.seed,
                                        max_pixels).to_dict(), run_dir / QUALITY_NAME)
         predictions = pd.DataFrame({"path": [paths[i] for i in val_idx],
@@ -487,18 +538,24 @@ def _fit(
         tracker.log_metrics({f"best_{k}": v for k, v in final.items()
                              if isinstance(v, int | float) and k != "best_epoch"})
         tracker.log_metrics({"best_epoch": best_epoch})
+        tracker.log_metrics({f"val_eval.{k}": v for k, v in evaluation.flat_metrics().items()})
+        if evaluation.warnings:
+            tracker.set_tags({"eval.shortcut_warning": ",".join(
+                s.column for s in evaluation.shortcuts if s.warning)})
         tracker.log_figure(confusion_matrix_figure(matrix, classes), "plots/confusion_matrix.png")
         for name, result in final.get("val_heads", {}).items():
             tracker.log_figure(confusion_matrix_figure(
                 np.array(result["confusion_matrix"]), result["classes"],
                 f"{name} (n={result['n']} assessable)"), f"plots/confusion_matrix_{name}.png")
-        tracker.log_figure(roc_figure(out.targets == positive_index, probs[:, positive_index],
-                                      cfg.data.positive_class), "plots/roc_curve.png")
+        negative = classes[1 - positive_index] if len(classes) == 2 else "other"
+        for name, figure in evaluation_figures(eval_frame, evaluation, negative,
+                                               calibrated["threshold"]).items():
+            tracker.log_figure(figure, f"plots/{name}")
         tracker.log_figure(training_curves_figure(history), "plots/training_curves.png")
         tracker.log_figure(reliability_figure(
             is_positive, softmax(out.logits)[:, positive_index], probs[:, positive_index],
             calibrated["temperature"]), "plots/reliability_diagram.png")
-        for name in ("metrics.json", "history.csv"):
+        for name in ("metrics.json", "history.csv", "subgroup_metrics.csv"):
             tracker.log_artifact(run_dir / name)
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(checkpoint_path, "checkpoint")
