@@ -88,9 +88,26 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / ("cv-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
     result = cross_validate(cfg, data, args.folds, out, args.splits, progress=not args.quiet)
-    print(format_summary(result.summary))
+    print(format_summary(result.summary, result.evaluation))
     print(f"out-of-fold predictions: {out / 'oof_predictions.csv'}")
     print(f"MLflow parent run id: {result.parent_run_id}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from embryo_ml.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from embryo_ml.evaluation.scores import evaluate_scores, format_counts
+
+    result = evaluate_scores(args.scores, args.labels, args.out, cfg, images=args.images,
+                             train_labels=args.train_labels)
+    print(format_counts(result.counts))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(result.evaluation.format())
+    print(f"wrote {len(result.files)} files to {result.out_dir} (metrics.json, "
+          "subgroup_metrics.csv, plots)")
     return 0
 
 
@@ -306,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder (default runs/cv-<timestamp>)")
     _add_overrides(p)
     p.set_defaults(func=_cmd_cv)
+
+    p = sub.add_parser("evaluate", help="metrics, subgroups, shortcut baselines and plots of a "
+                       "scored set with known labels")
+    p.add_argument("scores", type=Path, help="scores file from `score` (.csv/.jsonl/.parquet)")
+    p.add_argument("--labels", type=Path, required=True,
+                   help="manifest CSV with the labels (and subgroup columns, patient_id, grade)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for metrics.json, subgroup_metrics.csv and the PNG plots")
+    p.add_argument("--config", type=Path, help="YAML recipe: eval.*, data.positive_class, labels.*")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the folder (or manifest CSV) that was scored: score paths are relative "
+                   "to it (default: the scores file's folder)")
+    p.add_argument("--train-labels", type=Path, default=None, metavar="MANIFEST",
+                   help="the training manifest: fit the shortcut baselines on it (default: on "
+                   "the evaluated rows themselves)")
+    _add_overrides(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("augment-preview", help="grid of training augmentations (PNG)")
     p.add_argument("config", type=Path)
