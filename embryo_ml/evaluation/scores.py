@@ -127,6 +127,7 @@ def evaluate_scores(
             "with the folder (or manifest) that was scored")
     scored = table[matched & usable].assign(score=score[matched & usable])
     keep = ["_key", "score"] + (["label_pred"] if "label_pred" in scored.columns else [])
+    manifest = manifest.drop(columns=["score", "label_pred", "predicted"], errors="ignore")
     frame = manifest.merge(scored[keep], left_on="path", right_on="_key", how="inner")
     notes = []
     if "label_pred" in frame.columns:
