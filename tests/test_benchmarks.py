@@ -1,0 +1,98 @@
+"""Smoke tests of the throughput benchmarks: each `main()` runs at its smallest settings and writes
+a JSON with the expected fields and positive, finite numbers. The speed goals themselves are not
+asserted (timings on shared CI machines vary too much); see benchmarks/README.md."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """Import a benchmark script as a module (they import their sibling `bench_common`)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    module = bench("train_throughput")
+    out = tmp_path / "train.json"
+    code = module.main([
+        "--model", "test_resnet", "--size", "32", "--images", "40", "--epochs", "2",
+        "--batch-size", "8", "--source-size", "64", "--reps", "1", "--baseline-workers", "0",
+        "--variants", "w0-fp32-nchw-cache", "w0-bf16-cl-nocache",
+        "--work", str(tmp_path / "work"), "--json", str(out),
+    ])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "train_throughput"
+    assert result["settings"]["variants"] == ["w0-fp32-nchw-cache", "w0-bf16-cl-nocache"]
+    summary = result["summary"]
+    assert set(summary) == {"baseline", "w0-fp32-nchw-cache", "w0-bf16-cl-nocache"}
+    for name, entry in summary.items():
+        for key in ("ips_all", "ips_warm"):
+            assert _positive(entry[key]), (name, key, entry[key])
+        if name != "baseline":
+            assert _positive(entry["ratio_all"]) and _positive(entry["ratio_warm"])
+            assert _positive(entry["fit_wall_seconds"])
+            assert 0.0 <= entry["val_auc_best"] <= 1.0
+    assert {r["name"] for r in result["runs"]} == set(summary)
+    assert all(len(r["epoch_seconds"]) == 2 for r in result["runs"])
+    assert "goal" in result and "machine" in result
+    assert "img/s all" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_score_throughput_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    module = bench("score_throughput")
+    out = tmp_path / "score.json"
+    code = module.main([
+        "--model", "test_resnet", "--size", "32", "--images", "40", "--source-size", "64",
+        "--batch-size", "16", "--eager-workers", "0", "--reps", "1", "--profile-sample", "5",
+        "--work", str(tmp_path / "work"), "--json", str(out),
+    ])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "score_throughput"
+    summary = result["summary"]
+    for key in ("eager_ips", "ours_ips", "ort_model_only_ips", "ratio_ours_eager",
+                "ratio_ours_ort_model_only", "eager_cpu_ms_per_image", "ours_cpu_ms_per_image",
+                "ort_model_only_cpu_ms_per_image"):
+        assert _positive(summary[key]), (key, summary[key])
+    for key in ("decode_ms", "quality_ms", "preprocess_ms", "outside_model_ms"):
+        assert _positive(result["per_image_ms"][key]), key
+    assert {r["name"] for r in result["runs"]} == {"eager", "ours", "ort_model_only"}
+    assert all(r["n"] == 40 for r in result["runs"])
+    assert set(result["goals"]) >= {"met_eager", "met_ort"}
+    assert "ours / eager" in capsys.readouterr().out
+
+
+def test_variant_names_round_trip(bench):
+    module = bench("train_throughput")
+    for variant in module.grid():
+        assert module.parse_variant(variant.name) == variant
+    assert len({v.name for v in module.grid()}) == 24
+    assert module.parse_variant("bf16-w2") == module.Variant(2, "bf16", False, True)
+    with pytest.raises(Exception, match="unknown token"):
+        module.parse_variant("w1-fp64")
+    assert module.images_per_epoch(30, 8) == 24 and module.images_per_epoch(6, 8) == 6
+    total, warm = module.throughput([2.0, 1.0, 1.0], 10)
+    assert total == pytest.approx(7.5) and warm == pytest.approx(10.0)
