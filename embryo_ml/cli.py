@@ -54,8 +54,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = fit(cfg, data, run_dir, progress=not args.quiet, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # DDP: rank 0 reports
-    print(f"validation ROC AUC {result.metrics['val_auc']:.4f} "
-          f"(best epoch {result.metrics['best_epoch']}, {result.metrics['n_val']} images)")
+    metrics = result.metrics
+    print(f"validation ROC AUC {metrics['val_auc']:.4f} "
+          f"(best epoch {metrics['best_epoch']}, {metrics['n_val']} images)")
+    within = {k: v for k, v in metrics.items()
+              if k.startswith("val_within_") and isinstance(v, float)}
+    if within:  # the numbers that matter for choosing among one patient's embryos (README)
+        print("  " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
+                               for k, v in within.items()))
+    for warning in metrics.get("shortcut_warnings") or []:
+        print(f"  WARNING: {warning}")
     print(f"run folder: {result.run_dir}")
     print(f"MLflow run id: {result.run_id}")
     if args.register:

@@ -55,6 +55,8 @@ def test_cross_validation_runs_and_tracks_folds(synth_data: Path, tmp_path: Path
     assert "cv_auc_mean" in parent.data.metrics and "cv_auc_ci_low" in parent.data.metrics
     assert "cv_within_day_auc_mean" in parent.data.metrics
     assert "cv_eval.shortcut.day.baseline_auc" in parent.data.metrics
+    top = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert "oof_predictions.csv" not in top  # its paths carry patient ids (privacy rule)
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
     assert {"plots/roc_by_day.png", "plots/pr_curve.png", "plots/score_distribution.png",
             "plots/reliability_diagram.png"} <= artifacts

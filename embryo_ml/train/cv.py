@@ -233,8 +233,9 @@ def cross_validate(
         parent.log_figure(reliability_figure(frame["y"].to_numpy(), None,
                                              frame["score"].to_numpy()),
                           "plots/reliability_diagram.png")
-        for name in ("cv_summary.csv", "cv_summary.json", "cv_subgroups.csv",
-                     "oof_predictions.csv"):
+        # oof_predictions.csv stays in the local folder: its paths can carry patient ids
+        # (file names like P0001-E01), which must not reach MLflow (privacy rule).
+        for name in ("cv_summary.csv", "cv_summary.json", "cv_subgroups.csv"):
             parent.log_artifact(out_dir / name)
         return CVResult(parent.run_id or "", out_dir, summary, oof.drop(columns="group"),
                         evaluation)
