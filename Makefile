@@ -26,9 +26,9 @@ demo: $(STAMP)
 # says why, and `make test` goes on.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	  (DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || \
-	   (apt-get update && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y --no-install-recommends chromium)) >/dev/null 2>&1 || \
+	  (DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y --no-install-recommends chromium || \
+	   (timeout 300 apt-get update && DEBIAN_FRONTEND=noninteractive \
+	    timeout 600 apt-get install -y --no-install-recommends chromium)) >/dev/null 2>&1 || \
 	  echo "chromium could not be installed (needs apt-get and root): the browser test will skip"
 
 test: $(STAMP) browser
