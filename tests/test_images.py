@@ -104,3 +104,34 @@ def test_16bit_tiff_and_multipage_tiff(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="2 pages, using the first"):
         first = read_image(tmp_path / "stack.tif")
     assert np.array_equal(first[:, :, 0], GRAY)
+
+
+def _smooth_embryo_like(side: int) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side] / side
+    disc = ((xx - 0.5) ** 2 + (yy - 0.45) ** 2 < 0.12).astype(float)
+    texture = 40 * np.sin(xx * 23) * np.cos(yy * 17)
+    gray = np.clip(90 + 80 * disc + texture, 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def test_reduced_jpeg_decode_keeps_min_side_and_pixels(tmp_path: Path) -> None:
+    from embryo_ml.data.preprocess import DECODE_MIN_SIDE, decode_side, load_square, resize_square
+
+    image = _smooth_embryo_like(500)
+    jpeg = write_image(tmp_path / "e.jpg", image, quality=90)
+    full = read_image(jpeg)
+    assert full.shape == (500, 500, 3)
+    # 1/2 keeps >= 224, 1/4 would not; 1/4 is the smallest scale above the 128 px floor
+    assert read_image(jpeg, min_side=224).shape == (250, 250, 3)
+    assert read_image(jpeg, min_side=100).shape == (125, 125, 3)
+    assert decode_side(64) == DECODE_MIN_SIDE and decode_side(300) == 300
+    assert read_image(jpeg, min_side=decode_side(64)).shape == (250, 250, 3)
+    assert read_image(jpeg, min_side=600).shape == (500, 500, 3)  # never enlarged
+    # the reduced decode averages like INTER_AREA: model-size pixels stay within a few levels
+    reduced = load_square(jpeg, 224)
+    exact = resize_square(full, 224)
+    assert reduced.shape == exact.shape
+    assert np.abs(reduced.astype(int) - exact.astype(int)).mean() < 2.0
+    # other formats ignore the hint
+    png = write_image(tmp_path / "e.png", image)
+    assert read_image(png, min_side=128).shape == (500, 500, 3)

@@ -131,13 +131,13 @@ def test_cached_training_reads_no_image_after_first_epoch(
     from embryo_ml.train.fit import fit
 
     decoded: list[str] = []
-    real_reader = cache_module.read_image
+    real_reader = cache_module.load_square
 
     def counting_reader(path: str, *args: object) -> np.ndarray:
         decoded.append(path)
-        return real_reader(path)
+        return real_reader(path, *args)
 
-    monkeypatch.setattr(cache_module, "read_image", counting_reader)
+    monkeypatch.setattr(cache_module, "load_square", counting_reader)
     cfg = load_config(None, ["model.name=test_resnet", "data.image_size=32", "train.epochs=2",
                              f"data.cache_dir={tmp_path / 'cache'}",
                              f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",

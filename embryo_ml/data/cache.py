@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image
-from embryo_ml.data.preprocess import resize_square
+from embryo_ml.data.preprocess import load_square
 
-CACHE_FORMAT = "v1"  # bump when the stored array layout or resize policy changes
+CACHE_FORMAT = "v2"  # bump when the stored array layout or resize policy changes
 
 
 class DecodedCache:
@@ -68,7 +68,7 @@ class DecodedCache:
             except (OSError, ValueError):
                 pass  # a damaged entry is rebuilt below
         self.misses += 1
-        array = np.ascontiguousarray(resize_square(read_image(path, self.max_pixels), self.size))
+        array = np.ascontiguousarray(load_square(path, self.size, self.max_pixels))
         entry.parent.mkdir(exist_ok=True)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:

@@ -27,6 +27,7 @@ class EmbryoImageDataset(Dataset):
         transform: A.Compose,
         cache: DecodedCache | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode_min_side: int | None = None,
     ):
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
@@ -37,6 +38,7 @@ class EmbryoImageDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.max_pixels = max_pixels
+        self.decode_min_side = decode_min_side  # see embryo_ml.data.preprocess.decode_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,7 +48,7 @@ class EmbryoImageDataset(Dataset):
         if self.cache is not None:
             image = self.cache.load(path)
         else:
-            image = read_image(path, self.max_pixels)
+            image = read_image(path, self.max_pixels, min_side=self.decode_min_side)
         out = self.transform(image=np.asarray(image))["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
         if self.targets.ndim == 2:

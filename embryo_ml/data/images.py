@@ -62,12 +62,17 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def read_image(
-    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
 ) -> np.ndarray:
     """Decode `path` to an (H, W, 3) uint8 RGB array, upright per its EXIF orientation.
 
-    Multi-page TIFFs give their first page (with a warning). Raises `ImageReadError` for missing,
-    empty, truncated, non-image or oversized files.
+    `min_side`: the caller will shrink the image anyway, so a JPEG may be decoded at 1/2, 1/4 or
+    1/8 scale (libjpeg scales while inverting the DCT, which also averages the pixels it drops),
+    as long as both sides stay at least `min_side`. This is 3-4x faster than decoding a 500 px
+    JPEG in full; other formats ignore it. None: full size. The size limit applies to the
+    stored size. Multi-page TIFFs give their first page (with a warning). Raises
+    `ImageReadError` for missing, empty, truncated, non-image or oversized files.
     """
     path = Path(path)
     try:
@@ -78,20 +83,23 @@ def read_image(
         raise ImageReadError(path, f"cannot access file ({error.strerror})") from None
     if size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    return _decode(path, path, max_pixels)
+    return _decode(path, path, max_pixels, min_side)
 
 
 def read_image_bytes(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "<bytes>"
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "<bytes>",
+    min_side: int | None = None,
 ) -> np.ndarray:
     """`read_image` for an encoded image held in memory (e.g. posted to a model server);
     `name` stands for the file in error messages."""
     if not data:
         raise ImageReadError(name, "empty image data (0 bytes)")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, min_side)
 
 
-def _decode(source: Path | io.BytesIO, name: object, max_pixels: int) -> np.ndarray:
+def _decode(
+    source: Path | io.BytesIO, name: object, max_pixels: int, min_side: int | None = None
+) -> np.ndarray:
     """The decoder behind `read_image` and `read_image_bytes`; `name` goes into errors."""
     try:
         with Image.open(source) as image:
@@ -103,6 +111,9 @@ def _decode(source: Path | io.BytesIO, name: object, max_pixels: int) -> np.ndar
             if getattr(image, "n_frames", 1) > 1:
                 warnings.warn(f"{name}: has {image.n_frames} pages, using the first",
                               stacklevel=3)
+            if min_side and image.format == "JPEG":
+                # draft() picks the smallest DCT scale that keeps both sides >= the request
+                image.draft(image.mode, (min_side, min_side))
             image.load()
             image = ImageOps.exif_transpose(image) or image
             array = _pil_to_rgb(image)

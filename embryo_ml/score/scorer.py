@@ -58,9 +58,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image, read_image_bytes
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS
 from embryo_ml.data.manifest import iter_image_files, read_manifest
-from embryo_ml.data.preprocess import preprocess
+from embryo_ml.data.preprocess import normalize_chw, read_for_model, resize_square
 from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
 from embryo_ml.numeric import softmax
@@ -213,6 +213,9 @@ class OnnxScorer:
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle ORT threads would otherwise spin for a while after each run, burning the cores
+        # the decoding threads need; measured 10-25% more images/s on 2 cores without it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.bundle = bundle
         self.max_pixels = max_pixels
         self.tta = tta
@@ -229,9 +232,15 @@ class OnnxScorer:
         if isinstance(declared, int):
             _check_width(bundle, declared, self.width)
 
+    def read(self, item: ScoreItem) -> np.ndarray:
+        """The item's image decoded as training and validation decoded it (reduced JPEG scale,
+        see `embryo_ml.data.preprocess.decode_side`), not yet resized."""
+        return read_for_model(item.file, self.bundle.input_size, self.max_pixels,
+                              data=item.data, name=item.path)
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
         b = self.bundle
-        return preprocess(image, b.input_size, b.mean, b.std)
+        return normalize_chw(resize_square(image, b.input_size), b.mean, b.std)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) raw logits of one view (no TTA)."""
@@ -298,8 +307,7 @@ Loaded = tuple[ScoreItem, np.ndarray | None, str, list[str]]
 def load_item(scorer: OnnxScorer, item: ScoreItem) -> Loaded:
     """Decode, check image quality and preprocess one image (runs in a worker thread)."""
     try:
-        image = (read_image(item.file, scorer.max_pixels) if item.data is None
-                 else read_image_bytes(item.data, scorer.max_pixels, name=item.path))
+        image = scorer.read(item)
         return item, scorer.prepare(image), "ok", scorer.image_flags(image)
     except ImageReadError as error:
         return item, None, f"unreadable: {error.reason}", []

@@ -35,9 +35,9 @@ import embryo_ml
 from embryo_ml.config import CalibrationConfig, Config, save_config
 from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.dataset import EmbryoImageDataset
-from embryo_ml.data.images import read_image
 from embryo_ml.data.labels import build_targets
 from embryo_ml.data.manifest import load_table
+from embryo_ml.data.preprocess import decode_side, read_for_model
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import ConfigError
@@ -206,14 +206,15 @@ def calibrate(
 
 
 def quality_thresholds(
-    train_paths: list[str], val_logits: np.ndarray, seed: int, max_pixels: int,
+    train_paths: list[str], val_logits: np.ndarray, seed: int, max_pixels: int, size: int,
     sample: int = 300,
 ) -> QualityThresholds:
     """Image-quality limits for the bundle: focus from (a sample of) the training images,
-    the out-of-distribution energy limit from the validation logits."""
+    decoded as the scorer decodes them for a `size` px model, the out-of-distribution energy
+    limit from the validation logits."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(train_paths), min(sample, len(train_paths)), replace=False)
-    grays = (read_image(train_paths[i], max_pixels) for i in sorted(chosen))
+    grays = (read_for_model(train_paths[i], size, max_pixels) for i in sorted(chosen))
     return fit_thresholds(grays, val_logits)
 
 
@@ -347,10 +348,11 @@ def _fit(
     augment = build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
                                     seed=cfg.seed + context.rank)
     train_set = EmbryoImageDataset(
-        [paths[i] for i in train_idx], item_targets[train_idx], augment, cache, max_pixels)
+        [paths[i] for i in train_idx], item_targets[train_idx], augment, cache, max_pixels,
+        decode_side(size))
     val_set = EmbryoImageDataset(
         [paths[i] for i in val_idx], item_targets[val_idx], build_eval_transform(size, mean, std),
-        cache, max_pixels,
+        cache, max_pixels, decode_side(size),
     )
     val_shard = (Subset(val_set, shard_indices(len(val_set), context)) if context.enabled
                  else val_set)
@@ -525,7 +527,7 @@ def _fit(
         _write_json(final, run_dir / "metrics.json")
         atomic_write_text(run_dir / "subgroup_metrics.csv", evaluation.table().to_csv(index=False))
         _write_json(quality_thresholds([paths[i] for i in train_idx], out.logits, cfg.seed,
-                                       max_pixels).to_dict(), run_dir / QUALITY_NAME)
+                                       max_pixels, size).to_dict(), run_dir / QUALITY_NAME)
         predictions = pd.DataFrame({"path": [paths[i] for i in val_idx],
                                     "label": [classes[t] for t in out.targets]})
         for i, name in enumerate(classes):
