@@ -117,12 +117,12 @@ def run_eager(paths: list[str], run_dir: Path, batch_size: int, workers: int,
 
 
 def run_ours(folder: Path, bundle: Path, out: Path, batch_size: int, workers: int | None = None,
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, precision: str = "auto") -> dict[str, Any]:
     from embryo_ml.score.scorer import score_images
 
     started, cpu = time.perf_counter(), cpu_seconds()
     summary = score_images(folder, bundle, out, batch_size=batch_size, workers=workers,
-                           threads=threads, progress=False)
+                           threads=threads, progress=False, precision=precision)
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     if summary.n_failed:
         raise SystemExit(f"ours: {summary.n_failed} image(s) failed: {summary.failures[:3]}")
@@ -133,22 +133,21 @@ def run_ours(folder: Path, bundle: Path, out: Path, batch_size: int, workers: in
 
 def predecode(paths: list[str], bundle: Path, batch_size: int) -> list[np.ndarray]:
     """Every image read and preprocessed as the scorer does, in float32 batches."""
-    from embryo_ml.data.images import read_image
-    from embryo_ml.data.preprocess import preprocess
+    from embryo_ml.data.preprocess import load_square, normalize_chw
     from embryo_ml.export.bundle import read_bundle
 
     b = read_bundle(bundle)
-    pixels = [preprocess(read_image(p), b.input_size, b.mean, b.std) for p in paths]
+    pixels = [normalize_chw(load_square(p, b.input_size), b.mean, b.std) for p in paths]
     return [np.ascontiguousarray(np.stack(pixels[i:i + batch_size]))
             for i in range(0, len(pixels), batch_size)]
 
 
-def run_ort(batches: list[np.ndarray], bundle: Path, threads: int | None = None
-            ) -> dict[str, Any]:
+def run_ort(batches: list[np.ndarray], bundle: Path, threads: int | None = None,
+            precision: str = "auto") -> dict[str, Any]:
     from embryo_ml.export.bundle import read_bundle
     from embryo_ml.score.scorer import OnnxScorer
 
-    scorer = OnnxScorer(read_bundle(bundle), threads=threads)
+    scorer = OnnxScorer(read_bundle(bundle), threads=threads, precision=precision)
     scorer.logits(batches[0])  # warm-up: memory arenas, kernel selection
     started, cpu = time.perf_counter(), cpu_seconds()
     for batch in batches:
@@ -159,17 +158,17 @@ def run_ort(batches: list[np.ndarray], bundle: Path, threads: int | None = None
 
 
 def per_image_costs(paths: list[str], bundle: Path, sample: int) -> dict[str, float]:
-    """Milliseconds per image, one thread: decode, quality flags, resize + normalise."""
-    from embryo_ml.data.images import read_image
+    """Milliseconds per image, one thread: decode (at the scorer's reduced size), quality flags,
+    resize + normalise."""
     from embryo_ml.export.bundle import read_bundle
-    from embryo_ml.score.scorer import OnnxScorer
+    from embryo_ml.score.scorer import OnnxScorer, ScoreItem
 
     scorer = OnnxScorer(read_bundle(bundle), threads=1)
     chosen = paths[:sample]
     timings: dict[str, list[float]] = {"decode_ms": [], "quality_ms": [], "preprocess_ms": []}
     for path in chosen:
         t0 = time.perf_counter()
-        image = read_image(path)
+        image = scorer.read(ScoreItem(path, path))
         t1 = time.perf_counter()
         scorer.image_flags(image)
         t2 = time.perf_counter()
@@ -250,24 +249,32 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.reps} interleaved reps", flush=True)
         costs = per_image_costs(paths, bundle, args.profile_sample)
         batches = predecode(paths, bundle, args.batch_size)
+        from embryo_ml.export.bundle import read_bundle
+
+        int8 = read_bundle(bundle).int8 is not None
+        names = ("eager", "ours", "ort_model_only")
+        if int8:  # the fp32 model too, for comparison; the goals are on the default (int8)
+            names += ("ours_fp32", "ort_model_only_fp32")
+        print("  the bundle " + ("has an int8 model: ours and ORT model-only run it" if int8
+                                 else "has no int8 model"), flush=True)
         runs: list[dict[str, Any]] = []
         for rep in range(args.reps):
-            for name in ("eager", "ours", "ort_model_only"):
+            for name in names:
+                precision = "fp32" if name.endswith("_fp32") else "auto"
                 if name == "eager":
                     result = run_eager(paths, run_dir, args.batch_size, args.eager_workers,
                                        args.threads)
-                elif name == "ours":
+                elif name.startswith("ours"):
                     result = run_ours(folder, bundle, work / "scores.csv", args.batch_size,
-                                      threads=args.threads)
+                                      threads=args.threads, precision=precision)
                 else:
-                    result = run_ort(batches, bundle, args.threads)
+                    result = run_ort(batches, bundle, args.threads, precision)
                 runs.append({"name": name, "rep": rep, **result})
                 print(f"  rep {rep} {name}: {result['ips']:.1f} img/s", flush=True)
         swept = sweep(batches, paths, folder, bundle, work, args) if args.sweep else None
 
     by = {(r["name"], r["rep"]): r["ips"] for r in runs}
     reps = range(args.reps)
-    names = ("eager", "ours", "ort_model_only")
     summary = {name: median([by[(name, r)] for r in reps]) for name in names}
     cpu_ms = {name: median([r["cpu_ms_per_image"] for r in runs if r["name"] == name])
               for name in names}
@@ -279,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if ratio_eager >= GOAL_EAGER else 'not met'})")
     print(f"ours / ORT model-only {ratio_ort:.2f}  (goal >= {GOAL_ORT}: "
           f"{'met' if ratio_ort >= GOAL_ORT else 'not met'})")
+    extra: dict[str, float] = {}
+    if int8:
+        extra = {"ratio_ours_fp32_eager": median(
+                     [by[("ours_fp32", r)] / by[("eager", r)] for r in reps]),
+                 "ratio_ours_fp32_ort_fp32": median(
+                     [by[("ours_fp32", r)] / by[("ort_model_only_fp32", r)] for r in reps]),
+                 "ratio_int8_fp32_model_only": median(
+                     [by[("ort_model_only", r)] / by[("ort_model_only_fp32", r)] for r in reps])}
+        print(f"fp32 model: ours / eager {extra['ratio_ours_fp32_eager']:.2f}, ours / ORT "
+              f"model-only {extra['ratio_ours_fp32_ort_fp32']:.2f}; int8 / fp32 model-only "
+              f"{extra['ratio_int8_fp32_model_only']:.2f}")
     print("per image outside the model (1 thread): " + ", ".join(
         f"{k[:-3]} {v:.2f} ms" for k, v in costs.items() if k.endswith("_ms")))
     if swept:
@@ -295,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "work")},
         "summary": {**{f"{k}_ips": v for k, v in summary.items()},
                     **{f"{k}_cpu_ms_per_image": v for k, v in cpu_ms.items()},
-                    "ratio_ours_eager": ratio_eager, "ratio_ours_ort_model_only": ratio_ort},
+                    "ratio_ours_eager": ratio_eager, "ratio_ours_ort_model_only": ratio_ort,
+                    **extra, "int8": int8},
         "goals": {"ours_eager": GOAL_EAGER, "ours_ort_model_only": GOAL_ORT,
                   "met_eager": ratio_eager >= GOAL_EAGER, "met_ort": ratio_ort >= GOAL_ORT},
         "per_image_ms": costs, "sweep": swept, "runs": runs,

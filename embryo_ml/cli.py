@@ -147,10 +147,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         check_reachable(uri)  # before the export, not after it
     from embryo_ml.export.onnx_export import export_bundle
 
-    bundle = export_bundle(args.run_dir, args.out)
+    bundle = export_bundle(args.run_dir, args.out, int8=not args.no_int8)
     print(f"wrote bundle {bundle.path} ({bundle.architecture}, {bundle.input_size}px, "
           f"sha256 {bundle.sha256[:12]}..., ONNX/PyTorch max diff "
           f"{bundle.val_metrics['parity_max_abs_diff']:.1e})")
+    if bundle.int8:
+        print(f"int8 model for fast CPU scoring: max probability difference to fp32 "
+              f"{bundle.int8['max_abs_diff']:.4f} on {bundle.int8['parity_images']} validation "
+              f"images (tolerance {bundle.int8['tolerance']})")
     if log_model:
         from embryo_ml.export.pyfunc import log_bundle_model
 
@@ -173,7 +177,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                workers=args.workers, threads=args.threads,
                                progress=not args.quiet, max_pixels=args.max_pixels,
                                resume=args.resume, tta=args.tta, aggregate=args.aggregate,
-                               embryo_pattern=args.embryo_pattern)
+                               embryo_pattern=args.embryo_pattern, precision=args.precision)
     except ScoringInterrupted as stop:
         kept = stop.summary.n_images + stop.summary.n_resumed
         print(f"stopped: {kept} row(s) kept in {stop.summary.out}; run the same command with "
@@ -181,7 +185,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise
     resumed = f", {summary.n_resumed} already there" if summary.n_resumed else ""
     print(f"scored {summary.n_scored} of {summary.n_images} images{resumed} in "
-          f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} images/s) -> {summary.out}")
+          f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} images/s, "
+          f"{summary.precision} model) -> {summary.out}")
     print(f"{summary.n_embryos} embryo(s) -> {summary.embryos_out}")
     if summary.n_failed:
         print(f"{summary.n_failed} image(s) could not be scored (see the 'status' column):")
@@ -367,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log and register the model as NAME; alias 'candidate' -> new version")
     p.add_argument("--tracking-uri", help="MLflow store (default: the run's tracking.tracking_uri"
                    ", else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--no-int8", action="store_true",
+                   help="do not build the int8 model (by default it is built and kept when it "
+                   "agrees with fp32 within 0.02 on the validation images)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("score", help="score a folder (recursive) or a manifest CSV of images")
@@ -387,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
+                   help="model to score with: auto = the bundle's int8 model when it has one "
+                   "(2-3x faster on CPU, checked against fp32 at export), else fp32")
     p.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="refuse images with more pixels (decompression-bomb guard)")
     p.add_argument("--report", type=Path, metavar="HTML",

@@ -81,7 +81,7 @@ def test_bundle_cam_mean_is_the_logits_and_matches_pytorch(
     bundle = read_bundle(bundle_dir)
     assert bundle.cam_output == "cam" and bundle.output_name == "logits"
     assert bundle.val_metrics["parity_cam_max_rel_diff"] <= 1e-3
-    scorer = OnnxScorer(bundle, threads=1)
+    scorer = OnnxScorer(bundle, threads=1, precision="fp32")
     assert [o.name for o in scorer.session.get_outputs()] == ["logits", "cam"]
     _, images = _images(synth_data, 6)
     batch = np.stack([scorer.prepare(image) for image in images])
@@ -117,7 +117,7 @@ def test_export_goes_on_without_cam_when_the_cam_fails(
     bundle = onnx_export.export_bundle(trained_run["run_dir"], tmp_path / "bundle")
     assert bundle.cam_output is None and "parity_cam_max_rel_diff" not in bundle.val_metrics
     assert "exporting without it" in caplog.text
-    scorer = OnnxScorer(bundle, threads=1)
+    scorer = OnnxScorer(bundle, threads=1, precision="fp32")
     assert [o.name for o in scorer.session.get_outputs()] == ["logits"]
     _, images = _images(synth_data, 2)
     assert ex.heatmap(scorer, images[0]) is None and ex.heatmaps(scorer, images) is None
@@ -140,7 +140,7 @@ def test_old_bundle_reads_and_has_no_heatmap(tmp_path: Path, capsys: pytest.Capt
                                              synth_data: Path) -> None:
     bundle = read_bundle(_old_bundle(tmp_path / "old"))
     assert bundle.cam_output is None
-    scorer = OnnxScorer(bundle, threads=1)
+    scorer = OnnxScorer(bundle, threads=1, precision="fp32")
     image = np.full((20, 24, 3), 90, np.uint8)
     assert ex.heatmap(scorer, image) is None and ex.explain(scorer, [image]) is None
     paths, _ = _images(synth_data, 1)
@@ -192,7 +192,8 @@ def _red_spot(size: int, y: int, x: int) -> np.ndarray:
 
 
 def test_refined_heat_lands_on_the_evidence(tmp_path: Path) -> None:
-    scorer = OnnxScorer(read_bundle(_box_cam_bundle(tmp_path / "box")), threads=1)
+    scorer = OnnxScorer(read_bundle(_box_cam_bundle(tmp_path / "box")), threads=1,
+                        precision="fp32")
     assert ex.auto_refine(4, 32) == 2 and ex.auto_refine(2, 64) == 4
     assert ex.auto_refine(7, 224) == 2 and ex.auto_refine(8, 256) == 1
     assert ex.auto_refine(2, 8) == 2  # no shifts below 2 px
@@ -210,7 +211,7 @@ def test_refined_heat_lands_on_the_evidence(tmp_path: Path) -> None:
 
 
 def test_heatmap_size_range_and_class_choice(bundle_dir: Path, synth_data: Path) -> None:
-    scorer = OnnxScorer(read_bundle(bundle_dir), threads=1)
+    scorer = OnnxScorer(read_bundle(bundle_dir), threads=1, precision="fp32")
     paths, images = _images(synth_data, 6)
     wide = cv2.resize(images[0], (80, 64))  # squashed to the model's square like the scorer
     heat = ex.heatmap(scorer, wide)
@@ -307,7 +308,7 @@ def test_grad_cam_before_relu_is_the_onnx_evidence_map(
     from embryo_ml.export.onnx_export import load_run_model
     from embryo_ml.report.gradcam import grad_cam
 
-    scorer = OnnxScorer(read_bundle(bundle_dir), threads=1)
+    scorer = OnnxScorer(read_bundle(bundle_dir), threads=1, precision="fp32")
     _, images = _images(synth_data, 8)
     batch = np.stack([scorer.prepare(image) for image in images])
     _, cam = ex.class_activation(scorer, batch, refine=1)
@@ -377,7 +378,7 @@ def test_heat_is_concentrated_inside_the_zona(good_bundle: tuple[Bundle, dict, P
     ones are not (35-48%), hence 96 px here."""
     bundle, metrics, _ = good_bundle
     assert metrics["val_auc"] > 0.8, metrics["val_auc"]  # a model that has learned something
-    scorer = OnnxScorer(bundle, threads=1)
+    scorer = OnnxScorer(bundle, threads=1, precision="fp32")
     images, discs, labels = _held_out_embryos(32, HEAT_SIZE)
     explained = ex.explain(scorer, images)
     assert explained is not None
@@ -404,7 +405,7 @@ def test_grad_cam_heatmaps_agree_with_the_onnx_heatmaps(
     from embryo_ml.report.gradcam import grad_cam_images
 
     bundle, _, run_dir = good_bundle
-    scorer = OnnxScorer(bundle, threads=1)
+    scorer = OnnxScorer(bundle, threads=1, precision="fp32")
     images, _, _ = _held_out_embryos(12, HEAT_SIZE)
     correlations = []
     for name in bundle.classes:

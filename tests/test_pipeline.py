@@ -87,9 +87,13 @@ def test_onnx_scores_equal_pytorch_on_real_images(
     expected = torch.softmax(logits / temperature, 1)[:, 0].numpy()
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
-    score_images(manifest, bundle_dir, tmp_path / "s.csv", progress=False)
+    score_images(manifest, bundle_dir, tmp_path / "s.csv", progress=False, precision="fp32")
     got = pd.read_csv(tmp_path / "s.csv")["score"].to_numpy()
     assert np.abs(got - expected).max() < 1e-4
+    # the default is the bundle's int8 model: close to, not equal to, PyTorch
+    score_images(manifest, bundle_dir, tmp_path / "q.csv", progress=False)
+    fast = pd.read_csv(tmp_path / "q.csv")["score"].to_numpy()
+    assert 0 < np.abs(fast - expected).max() <= read_bundle(bundle_dir).int8["tolerance"]
 
 
 def test_score_folder_with_bad_files(bundle_dir: Path, synth_data: Path, tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 A bundle is a folder with `model.onnx` and `bundle.json`, which describes the model's inputs
 (size, channel order, mean/std, resize policy), its classes, calibration and threshold, where it
 came from (run id, validation metrics, package versions) and the SHA-256 of `model.onnx`.
+It may also hold `model.int8.onnx`, the same model quantized to 8-bit integers for faster CPU
+scoring, kept only when it agreed with `model.onnx` on the run's validation images (see
+`embryo_ml.export.quantize`); its hash and that measured agreement are under `int8`.
 `read_bundle` refuses a bundle whose hash or schema version does not match: a scoring model that
 was swapped or corrupted must never score patients silently.
 """
@@ -53,6 +56,10 @@ class Bundle:
     # applied at each feature-map location (see embryo_ml.score.explain); None = no heatmaps.
     # Bundles exported before it existed have no such field and read as None.
     cam_output: str | None = None
+    # The int8 model, when export built one that passed its parity check: {"file", "sha256",
+    # "calibration_images", "parity_images", "max_abs_diff", "mean_abs_diff",
+    # "label_agreement", "tolerance"}. None = fp32 only.
+    int8: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE
@@ -64,6 +71,14 @@ class Bundle:
         if self.path is None:
             raise BundleError("bundle has no folder")
         return self.path / self.model_file
+
+    @property
+    def int8_path(self) -> Path | None:
+        if self.int8 is None:
+            return None
+        if self.path is None:
+            raise BundleError("bundle has no folder")
+        return self.path / str(self.int8.get("file", ""))
 
     @property
     def positive_index(self) -> int:
@@ -124,13 +139,23 @@ def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
 
 
 def verify_model_hash(bundle: Bundle) -> None:
-    model = bundle.model_path
-    if not model.is_file():
-        raise BundleError(f"bundle {bundle.path}: {bundle.model_file} is missing")
-    actual = file_sha256(model)
-    if actual != bundle.sha256:
-        raise BundleError(
-            f"bundle {bundle.path}: hash mismatch for {bundle.model_file} (expected "
-            f"{bundle.sha256[:12]}..., found {actual[:12]}...): the model was modified or "
-            "corrupted; refusing to score"
-        )
+    """Every model file in the bundle (fp32, and int8 when listed) against its recorded hash."""
+    models = [(bundle.model_file, bundle.sha256)]
+    if bundle.int8 is not None:
+        file, sha = bundle.int8.get("file"), bundle.int8.get("sha256")
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file \
+                or not isinstance(sha, str):
+            raise BundleError(f"bundle {bundle.path}: 'int8' needs a plain 'file' name and a "
+                              f"'sha256', got {bundle.int8}")
+        models.append((file, sha))
+    for name, expected in models:
+        model = bundle.path / name if bundle.path is not None else Path(name)
+        if not model.is_file():
+            raise BundleError(f"bundle {bundle.path}: {name} is missing")
+        actual = file_sha256(model)
+        if actual != expected:
+            raise BundleError(
+                f"bundle {bundle.path}: hash mismatch for {name} (expected "
+                f"{expected[:12]}..., found {actual[:12]}...): the model was modified or "
+                "corrupted; refusing to score"
+            )

@@ -46,6 +46,7 @@ from embryo_ml.export.bundle import (
     read_bundle,
     write_bundle_json,
 )
+from embryo_ml.export.quantize import build_int8
 from embryo_ml.models import build_model
 from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
 from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
@@ -270,8 +271,11 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
-    """Write `out_dir/model.onnx` + `bundle.json` from `run_dir/best.pt`; return the bundle."""
+def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True) -> Bundle:
+    """Write `out_dir/model.onnx` + `bundle.json` from `run_dir/best.pt`; return the bundle.
+
+    `int8`: also build `model.int8.onnx` for fast CPU scoring, kept only if it agrees with the
+    fp32 model on the run's validation images (`embryo_ml.export.quantize`)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if not checkpoint_path.is_file():
@@ -295,17 +299,29 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Bundle:
         parity = {"parity_max_abs_diff": difference}
         if cam_difference is not None:
             parity["parity_cam_max_rel_diff"] = cam_difference
+        temperature = float(metrics.get("temperature", 1.0))
+        threshold = float(metrics.get("threshold", 0.5))
+        mean = [float(x) for x in checkpoint["mean"]]
+        std = [float(x) for x in checkpoint["std"]]
+        int8_entry = None
+        if int8:
+            int8_entry = build_int8(
+                staging, MODEL_FILE, run_dir, size=size, mean=mean, std=std,
+                input_name="image", output_name="logits", classes=classes,
+                positive_index=classes.index(checkpoint["positive_class"]),
+                threshold=threshold, temperature=temperature, heads=heads)
+            if int8_entry is not None:
+                int8_entry["sha256"] = file_sha256(staging / int8_entry["file"])
         bundle = Bundle(
             architecture=checkpoint["model_name"], classes=classes,
             positive_class=checkpoint["positive_class"], input_size=size,
-            mean=[float(x) for x in checkpoint["mean"]], std=[float(x) for x in checkpoint["std"]],
+            mean=mean, std=std,
             sha256=file_sha256(staging / MODEL_FILE), resize_policy=RESIZE_POLICY,
-            temperature=float(metrics.get("temperature", 1.0)),
-            threshold=float(metrics.get("threshold", 0.5)), run_id=checkpoint.get("run_id"),
+            temperature=temperature, threshold=threshold, run_id=checkpoint.get("run_id"),
             val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")}
             | parity | {"best_epoch": checkpoint["epoch"]},
             quality=quality, heads=heads or None, versions=package_versions(),
-            cam_output=CAM_OUTPUT if cam_difference is not None else None,
+            cam_output=CAM_OUTPUT if cam_difference is not None else None, int8=int8_entry,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         write_bundle_json(bundle, staging)

@@ -140,7 +140,7 @@ def _output_frame(rows: list[dict], ids: list[str], index: pd.Index, bundle: Bun
 
 class BundleModel(PythonModel):
     """The pyfunc model. `model_config` may set `threads` (ONNX Runtime), `batch_size`,
-    `workers` (decoding threads) and `max_pixels`."""
+    `workers` (decoding threads), `max_pixels` and `precision` ("auto", "fp32", "int8")."""
 
     def load_context(self, context: Any) -> None:
         config = dict(getattr(context, "model_config", None) or {})
@@ -148,7 +148,8 @@ class BundleModel(PythonModel):
         self.batch_size = int(config.get("batch_size", 32))
         self.workers = int(config.get("workers", 4))
         self.scorer = OnnxScorer(self.bundle, config.get("threads"),
-                                 int(config.get("max_pixels", DEFAULT_MAX_PIXELS)))
+                                 int(config.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                                 precision=str(config.get("precision", "auto")))
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

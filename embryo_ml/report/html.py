@@ -286,7 +286,7 @@ class _Heatmaps:
         from embryo_ml.score.scorer import OnnxScorer
 
         self.explain = explain
-        self.scorer = OnnxScorer(bundle, threads)
+        self.scorer = OnnxScorer(bundle, threads, precision="fp32")  # the cam is fp32's
 
     def overlays(self, images: list[np.ndarray], thumbs: list[np.ndarray]
                  ) -> list[tuple[str, str]]:

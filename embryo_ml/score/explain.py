@@ -268,7 +268,7 @@ def explain_image(
         raise BundleError(f"bundle {bundle.path} has no class activation map (exported before "
                           "heatmaps existed); re-export it with this version: embryo-ml "
                           "export RUN_DIR --out BUNDLE")
-    scorer = OnnxScorer(bundle, threads=threads)
+    scorer = OnnxScorer(bundle, threads=threads, precision="fp32")
     image = read_image(image_path, scorer.max_pixels)
     explained = explain(scorer, [image], class_name)
     assert explained is not None  # the bundle has a cam output

@@ -101,6 +101,7 @@ class ScoreSummary:
     seconds: float = 0.0
     embryos_out: Path | None = None
     n_embryos: int = 0
+    precision: str = "fp32"  # the model that scored: "fp32" or "int8"
 
     @property
     def images_per_second(self) -> float:
@@ -199,12 +200,32 @@ def dihedral_views(batch: np.ndarray) -> Iterator[np.ndarray]:
             yield np.ascontiguousarray(np.rot90(mirrored, k, axes=(2, 3)))
 
 
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def choose_model(bundle: Bundle, precision: str = "auto") -> tuple[Path, str]:
+    """(model file, "fp32" or "int8"): "auto" takes the bundle's int8 model when it has one
+    (it passed its parity check at export), "int8" insists on it, "fp32" never uses it."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    int8 = bundle.int8_path
+    if precision == "int8" and int8 is None:
+        raise BundleError(f"bundle {bundle.path} has no int8 model (export builds one when it "
+                          "agrees with fp32 on the validation images); use --precision fp32")
+    if int8 is not None and precision != "fp32":
+        return int8, "int8"
+    return bundle.model_path, "fp32"
+
+
 class OnnxScorer:
-    """An ONNX Runtime session for a verified bundle, with deliberate session options."""
+    """An ONNX Runtime session for a verified bundle, with deliberate session options.
+
+    `precision`: see `choose_model`; the class activation map (heatmaps) always comes from the
+    fp32 model, so `explain` asks for "fp32"."""
 
     def __init__(
         self, bundle: Bundle, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-        tta: bool = False,
+        tta: bool = False, precision: str = "auto",
     ) -> None:
         import onnxruntime as ort
 
@@ -220,8 +241,9 @@ class OnnxScorer:
         self.max_pixels = max_pixels
         self.tta = tta
         self.quality = QualityThresholds.from_dict(bundle.quality) if bundle.quality else None
+        model_path, self.precision = choose_model(bundle, precision)
         self.session = ort.InferenceSession(
-            str(bundle.model_path), options, providers=["CPUExecutionProvider"]
+            str(model_path), options, providers=["CPUExecutionProvider"]
         )
         self.width = _logit_width(bundle)
         outputs = {o.name: o for o in self.session.get_outputs()}
@@ -420,13 +442,15 @@ def score_images(
     tta: bool = False,
     aggregate: str = "mean",
     embryo_pattern: str | None = None,
+    precision: str = "auto",
 ) -> ScoreSummary:
     """Score every image in `source` with the bundle; write `out` (.csv, .jsonl or .parquet)
     row by row, then its ranks and the embryos table (`embryos_path(out)`).
 
     `resume`: keep the rows already in `out` and score only images not in it. `aggregate`:
     "mean" or "max" of an embryo's image scores. `embryo_pattern`: regex with a named group
-    `embryo_id` (and optionally `patient_id`) searched in each image's path. Raises
+    `embryo_id` (and optionally `patient_id`) searched in each image's path. `precision`:
+    "auto" (the bundle's int8 model when it has one), "fp32" or "int8". Raises
     `ScoringInterrupted` after a clean stop on Ctrl-C or SIGTERM."""
     out = Path(out)
     fmt = output_format(out)  # user errors first, before any work
@@ -435,12 +459,14 @@ def score_images(
     regex = compile_embryo_pattern(embryo_pattern) if embryo_pattern is not None else None
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bundle = read_bundle(bundle_dir)  # verifies the hash before anything else
     items = iter_items(source, regex)
-    scorer = OnnxScorer(bundle, threads, max_pixels, tta=tta)
+    scorer = OnnxScorer(bundle, threads, max_pixels, tta=tta, precision=precision)
     columns = score_columns(bundle.classes, bundle.heads)
     cohorts = Cohorts(bundle.classes, bundle.positive_class, bundle.threshold, aggregate)
-    summary = ScoreSummary(out)
+    summary = ScoreSummary(out, precision=scorer.precision)
     log = partial_path(out) if fmt == "parquet" else out
     started = time.perf_counter()
     if resume:
