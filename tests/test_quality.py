@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -169,6 +170,38 @@ def test_grey_and_rgb_input_agree(thresholds: QualityThresholds, embryos: list[n
     image = _u8(embryos[1] * 0.12)
     assert image_flags(image, thresholds) == image_flags(np.dstack([image] * 3), thresholds)
     assert find_embryo(embryos[1]) == find_embryo(np.dstack([embryos[1]] * 3))
+
+
+def test_no_embryo_flag_agrees_with_find_embryo() -> None:
+    """image_flags stops at the first well-supported ring instead of running the full search;
+    it must still flag exactly the images find_embryo finds nothing in. Blur and noise give
+    borderline rings: found unrefined about the best-voted centre, about another centre, only
+    once refined, or not at all."""
+    rng = np.random.default_rng(3)
+    sharp = [render_embryo(spec, size, 0) for size in (64, 128, 256)
+             for spec in _specs(4, seed=size + 1)]
+    images = list(sharp)
+    for image in sharp:
+        images += [_u8(cv2.GaussianBlur(image.astype(np.float32), (0, 0), sigma))
+                   for sigma in (2.0, 3.0, 4.0, 6.0)]
+        images.append(_u8(image + rng.normal(0.0, 40.0, image.shape)))
+    images += [_checkerboard(128, 8), np.full((128, 128), 128, np.uint8)]
+    no_limits = QualityThresholds(blur_min=0.0)
+    found = [find_embryo(image) is not None for image in images]
+    assert [("no_embryo" not in image_flags(image, no_limits)) for image in images] == found
+    assert 0 < sum(found) < len(images)
+
+
+def test_image_flags_from_several_threads(thresholds: QualityThresholds) -> None:
+    """The scorer calls image_flags from its decoding threads (it reuses per-thread buffers)."""
+    images = [np.dstack([render_embryo(spec, size, 0)] * 3)
+              for size in (128, 500) for spec in _specs(4, seed=size + 2)]
+    images += [np.dstack([_checkerboard(256, 16)] * 3), np.full((300, 200, 3), 90, np.uint8)]
+    serial = [(image_flags(image, thresholds), find_embryo(image)) for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda image: (image_flags(image, thresholds),
+                                                find_embryo(image)), images * 4))
+    assert threaded == serial * 4
 
 
 # --------------------------------------------------------------------------------------------
