@@ -79,7 +79,13 @@ def test_score_throughput_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFix
         assert _positive(summary[key]), (key, summary[key])
     for key in ("decode_ms", "quality_ms", "preprocess_ms", "outside_model_ms"):
         assert _positive(result["per_image_ms"][key]), key
-    assert {r["name"] for r in result["runs"]} == {"eager", "ours", "ort_model_only"}
+    expected = {"eager", "ours", "ort_model_only"}
+    if summary["int8"]:  # the fp32 model is measured beside the bundle's int8 one
+        expected |= {"ours_fp32", "ort_model_only_fp32"}
+        for key in ("ratio_ours_fp32_eager", "ratio_ours_fp32_ort_fp32",
+                    "ratio_int8_fp32_model_only"):
+            assert _positive(summary[key]), key
+    assert {r["name"] for r in result["runs"]} == expected
     assert all(r["n"] == 40 for r in result["runs"])
     assert set(result["goals"]) >= {"met_eager", "met_ort"}
     assert "ours / eager" in capsys.readouterr().out
