@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from embryo_ml.errors import ImageReadError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+ORIENTATION_TAG = 0x0112  # EXIF orientation
 DEFAULT_MAX_PIXELS = 64_000_000  # a 8000x8000 scan; beyond this we refuse rather than swap
 
 
@@ -115,7 +116,8 @@ def _decode(
                 # draft() picks the smallest DCT scale that keeps both sides >= the request
                 image.draft(image.mode, (min_side, min_side))
             image.load()
-            image = ImageOps.exif_transpose(image) or image
+            if image.getexif().get(ORIENTATION_TAG, 1) not in (1, None):
+                image = ImageOps.exif_transpose(image) or image  # (a copy: only when needed)
             array = _pil_to_rgb(image)
     except ImageReadError:
         raise
