@@ -103,7 +103,8 @@ def test_output_formats_hold_the_same_rows(
     # every image of a ranked embryo carries its rank; E99's only image could not be scored
     assert (got["rank_in_cohort"] != "").sum() == N_IMAGES
     assert got.set_index("path").loc["images/zz_corrupt.png", "rank_in_cohort"] == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, f"scores.embryos{ext}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, f"scores.embryos{ext}", "scores.scoring.json"])
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
@@ -368,3 +369,24 @@ def test_peak_memory_is_flat_in_the_number_of_images(bundle_dir: Path, tmp_path:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(done.stdout)
     assert result["ratio"] <= 1.2, done.stdout
+
+
+def test_resume_refuses_another_model_or_options(
+    fake_bundle: Path, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "scores.csv"
+    score_images(manifest, fake_bundle, out, progress=False)
+    settings = json.loads((tmp_path / "scores.scoring.json").read_text())
+    assert settings["model"] == "fp32" and settings["tta"] is False
+    before = out.read_bytes()
+    other = make_fake_bundle(tmp_path / "other", np.ones((3, 2)))
+    for extra in (["--bundle", str(other)], ["--bundle", str(fake_bundle), "--tta"],
+                  ["--bundle", str(fake_bundle), "--embryo-pattern", "(?P<embryo_id>\\d+)"]):
+        assert main(["-q", "score", str(manifest), "--out", str(out), "--resume", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other settings" in err[0], err
+        assert out.read_bytes() == before  # nothing touched
+        assert (tmp_path / "scores.embryos.csv").is_file()
+    # the same bundle and options resume (nothing left to score)
+    again = score_images(manifest, fake_bundle, out, progress=False, resume=True)
+    assert again.n_images == 0 and again.n_resumed == N_IMAGES + 1

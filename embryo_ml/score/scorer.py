@@ -40,6 +40,7 @@ then rename) with `rank_in_cohort`, and the embryos table is written beside it
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -63,6 +64,7 @@ from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import normalize_chw, read_for_model, resize_square
 from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
+from embryo_ml.fileio import atomic_write_text
 from embryo_ml.numeric import softmax
 from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts, display_score
 from embryo_ml.score.quality import QualityThresholds, image_flags, join_flags, logit_flags
@@ -73,6 +75,7 @@ from embryo_ml.score.writers import (
     partial_path,
     recover_rows,
     row_writer,
+    settings_path,
     write_table,
 )
 
@@ -469,6 +472,10 @@ def score_images(
     summary = ScoreSummary(out, precision=scorer.precision)
     log = partial_path(out) if fmt == "parquet" else out
     started = time.perf_counter()
+    settings = _settings(bundle, scorer, embryo_pattern)
+    if resume:
+        _check_resumable(out, settings)  # before anything is touched
+    atomic_write_text(settings_path(out), json.dumps(settings, indent=2) + "\n")
     if resume:
         done: set[str] = set()
         summary.n_resumed = _resume(out, log, columns, cohorts, done)
@@ -537,6 +544,40 @@ def score_images(
     summary.embryos_out, summary.n_embryos = embryos_out, len(cohorts)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _settings(bundle: Bundle, scorer: OnnxScorer, embryo_pattern: str | None) -> dict[str, Any]:
+    """What decides the numbers in a scores file: model file, test-time augmentation and how
+    embryos are named. Written beside it (`settings_path`), checked by `--resume`."""
+    int8 = scorer.precision == "int8" and bundle.int8 is not None
+    model_sha = bundle.int8["sha256"] if int8 else bundle.sha256  # type: ignore[index]
+    return {"bundle_sha256": bundle.sha256, "model": scorer.precision, "model_sha256": model_sha,
+            "tta": scorer.tta, "embryo_pattern": embryo_pattern, "bundle": str(bundle.path)}
+
+
+def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
+    """`--resume` must not mix scores of two models or option sets in one file: ConfigError
+    (one line) when the earlier run's settings differ. An output without settings (written by an
+    older version) cannot be checked and is resumed."""
+    path = settings_path(out)
+    if not path.is_file() or not (out.is_file() or partial_path(out).is_file()):
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    differ = []
+    if earlier.get("model_sha256", settings["model_sha256"]) != settings["model_sha256"]:
+        differ.append(f"model {earlier.get('model')} {str(earlier['model_sha256'])[:12]}... -> "
+                      f"{settings['model']} {settings['model_sha256'][:12]}...")
+    for key, option in (("tta", "--tta"), ("embryo_pattern", "--embryo-pattern")):
+        if key in earlier and earlier[key] != settings[key]:
+            differ.append(f"{option} {earlier[key]!r} -> {settings[key]!r}")
+    if differ:
+        said = ", ".join(differ)
+        raise ConfigError(f"--resume: {out} was scored with other settings ({said}; see "
+                          f"{path.name}); resume with the same bundle and options, or score to "
+                          "a new --out")
 
 
 def _resume(out: Path, log: Path, columns: list[str], cohorts: Cohorts, done: set[str]) -> int:

@@ -57,6 +57,12 @@ def embryos_path(out: str | os.PathLike[str]) -> Path:
     return out.with_name(f"{out.stem}.embryos{out.suffix}")
 
 
+def settings_path(out: str | os.PathLike[str]) -> Path:
+    """`scores.csv` -> `scores.scoring.json`: which model and options wrote the scores file."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.scoring.json")
+
+
 def partial_path(out: str | os.PathLike[str]) -> Path:
     """The JSON Lines sidecar a Parquet output is written through: `<out>.partial.jsonl`."""
     out = Path(out)
