@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,6 +104,19 @@ def mlflow_store(folder: Path) -> Iterator[str]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@contextlib.contextmanager
+def workspace(args: Any, prefix: str) -> Iterator[tuple[Path, Path]]:
+    """(work folder, manifest of the benchmark images) for one benchmark run: `args.work` or a
+    temporary folder, MLflow in a sqlite file there, images made (or reused) by `make_images`
+    from `args.images`, `args.source_size`, `args.source_format` and `args.seed`."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        with mlflow_store(work):
+            yield work, make_images(work / "data", args.images, args.source_size,
+                                    args.source_format, args.seed)
 
 
 def median(values: Sequence[float]) -> float:

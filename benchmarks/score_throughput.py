@@ -32,17 +32,15 @@ outside the model (decode with the package's reader, quality flags, resize + nor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_common import cpu_seconds, make_images, median, mlflow_store, print_table, write_json
+from bench_common import cpu_seconds, make_images, median, print_table, workspace, write_json
 
 GOAL_EAGER = 3.0
 GOAL_ORT = 0.8
@@ -232,13 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="score-throughput-") as tmp, \
-            contextlib.ExitStack() as stack:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(mlflow_store(work))
-        manifest = make_images(work / "data", args.images, args.source_size,
-                               args.source_format, args.seed)
+    with workspace(args, "score-throughput-") as (work, manifest):
         folder = manifest.parent / "images"
         from embryo_ml.data.manifest import iter_image_files
 

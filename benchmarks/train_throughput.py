@@ -44,12 +44,10 @@ baseline pays the decoding cost a clinic's files cost.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from bench_common import make_images, median, mlflow_store, print_table, write_json
+from bench_common import median, print_table, workspace, write_json
 
 GOAL = 1.5
 # The package's CPU defaults (+ cache), the recommended CPU setting, and the same without cache.
@@ -302,13 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = grid() if args.grid else args.variants or [parse_variant(v)
                                                           for v in DEFAULT_VARIANTS]
 
-    with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp, \
-            contextlib.ExitStack() as stack:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(mlflow_store(work))
-        manifest = make_images(work / "data", args.images, args.source_size,
-                               args.source_format, args.seed)
+    with workspace(args, "train-throughput-") as (work, manifest):
         split = load_split(manifest, args)
         print(f"{args.model} @ {args.size} px, batch {args.batch_size}, {args.epochs} epochs, "
               f"{len(split['train_paths'])} train / {len(split['val_paths'])} val images "

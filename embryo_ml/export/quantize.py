@@ -34,7 +34,7 @@ import pandas as pd
 
 from embryo_ml.data.preprocess import load_square, normalize_chw
 from embryo_ml.errors import ImageReadError
-from embryo_ml.numeric import softmax
+from embryo_ml.train.heads import blockwise_softmax
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,6 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def probabilities(logits: np.ndarray, n_classes: int, heads: dict[str, dict[str, Any]],
-                  temperature: float) -> np.ndarray:
-    """What the scorer reports from `logits`: the main classes' calibrated probabilities, then
-    each head's probabilities, side by side."""
-    blocks = [softmax(logits[:, :n_classes], temperature)]
-    for head in heads.values():
-        offset, classes = int(head["offset"]), head["classes"]
-        blocks.append(softmax(logits[:, offset:offset + len(classes)]))
-    return np.concatenate(blocks, axis=1)
-
-
 def compare(fp32: Path, int8: Path, images: np.ndarray, input_name: str, output_name: str,
             n_classes: int, positive_index: int, threshold: float, temperature: float,
             heads: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -134,7 +123,8 @@ def compare(fp32: Path, int8: Path, images: np.ndarray, input_name: str, output_
         logits = np.concatenate([
             session.run([output_name], {input_name: images[i:i + BATCH]})[0]
             for i in range(0, len(images), BATCH)]).astype(np.float64)
-        outputs.append(probabilities(logits, n_classes, heads, temperature))
+        # what the scorer reports: calibrated main classes, then each head
+        outputs.append(blockwise_softmax(logits, n_classes, heads, temperature))
     reference, quantized = outputs
     difference = np.abs(reference - quantized)
 

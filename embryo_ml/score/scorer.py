@@ -61,7 +61,7 @@ import pandas as pd
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS
 from embryo_ml.data.manifest import iter_image_files, read_manifest
-from embryo_ml.data.preprocess import normalize_chw, read_for_model, resize_square
+from embryo_ml.data.preprocess import preprocess, read_for_model
 from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
 from embryo_ml.fileio import atomic_write_text
@@ -206,11 +206,15 @@ def dihedral_views(batch: np.ndarray) -> Iterator[np.ndarray]:
 PRECISIONS = ("auto", "fp32", "int8")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def choose_model(bundle: Bundle, precision: str = "auto") -> tuple[Path, str]:
     """(model file, "fp32" or "int8"): "auto" takes the bundle's int8 model when it has one
     (it passed its parity check at export), "int8" insists on it, "fp32" never uses it."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     int8 = bundle.int8_path
     if precision == "int8" and int8 is None:
         raise BundleError(f"bundle {bundle.path} has no int8 model (export builds one when it "
@@ -265,7 +269,7 @@ class OnnxScorer:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         b = self.bundle
-        return normalize_chw(resize_square(image, b.input_size), b.mean, b.std)
+        return preprocess(image, b.input_size, b.mean, b.std)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) raw logits of one view (no TTA)."""
@@ -462,8 +466,7 @@ def score_images(
     regex = compile_embryo_pattern(embryo_pattern) if embryo_pattern is not None else None
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)  # before the bundle is read and hashed
     bundle = read_bundle(bundle_dir)  # verifies the hash before anything else
     items = iter_items(source, regex)
     scorer = OnnxScorer(bundle, threads, max_pixels, tta=tta, precision=precision)
