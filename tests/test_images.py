@@ -135,3 +135,51 @@ def test_reduced_jpeg_decode_keeps_min_side_and_pixels(tmp_path: Path) -> None:
     # other formats ignore the hint
     png = write_image(tmp_path / "e.png", image)
     assert read_image(png, min_side=128).shape == (500, 500, 3)
+
+
+def _pillow_reference(path: Path, min_side: int | None) -> np.ndarray:
+    """What Pillow alone decodes: the reader's result before the OpenCV path existed."""
+    with Image.open(path) as image:
+        if min_side:
+            image.draft(image.mode, (min_side, min_side))
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("kind", ["rgb420", "rgb444", "grey", "progressive"])
+def test_jpeg_decoded_by_opencv_gives_pillows_pixels(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embryo_ml.data import images
+
+    used = []
+    original = images._decode_jpeg
+    monkeypatch.setattr(images, "_decode_jpeg",
+                        lambda *a: used.append(original(*a) is not None) or original(*a))
+    rgb = _smooth_embryo_like(500)
+    rgb[..., 1] = np.roll(rgb[..., 1], 7, axis=1)  # colour, so chroma matters
+    picture = Image.fromarray(rgb[..., 0] if kind == "grey" else rgb)
+    options = {"rgb444": {"subsampling": 0}, "progressive": {"progressive": True}}.get(kind, {})
+    path = tmp_path / f"{kind}.jpg"
+    picture.save(path, quality=88, **options)
+    for min_side in (None, 60, 128, 224, 600):
+        out = read_image(path, min_side=min_side)
+        assert out.flags.c_contiguous and out.shape[2] == 3
+        assert np.array_equal(out, _pillow_reference(path, min_side)), min_side
+    assert used == [True] * 5  # every decode took the OpenCV path
+
+
+def test_jpeg_opencv_path_declines_what_pillow_must_handle(tmp_path: Path) -> None:
+    from embryo_ml.data import images
+
+    path = write_image(tmp_path / "e.jpg", _smooth_embryo_like(64), quality=90)
+    data = path.read_bytes()
+    assert images._decode_jpeg(data, (64, 64), "RGB", None) is not None
+    assert images._decode_jpeg(data[:-300], (64, 64), "RGB", None) is None  # no end marker
+    assert images._decode_jpeg(data, (64, 64), "CMYK", None) is None
+    assert images._decode_jpeg(data, (65, 64), "RGB", None) is None  # not the header's size
+    # trailing bytes after the end marker: Pillow decodes it, same pixels
+    (tmp_path / "tail.jpg").write_bytes(data + b"\x00" * 16)
+    assert np.array_equal(read_image(tmp_path / "tail.jpg"), read_image(path))
+    # in memory, the same path and the same pixels
+    assert np.array_equal(images.read_image_bytes(data, min_side=32),
+                          read_image(path, min_side=32))

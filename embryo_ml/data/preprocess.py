@@ -68,12 +68,14 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: (v/255 - mean[c]) / std[c] for every grey level v of channel c."""
+    """(3, 1, 256) float32: (v/255 - mean[c]) / std[c] for every grey level v of channel c."""
     scale = np.float32(1.0 / 255.0)
     levels = np.arange(256, dtype=np.float32)[None, :] * scale
     mean_arr = np.asarray(mean, dtype=np.float32).reshape(3, 1)
     inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(3, 1)
-    return (levels - mean_arr) * inv_std
+    table = ((levels - mean_arr) * inv_std)[:, None, :]
+    table.flags.writeable = False
+    return table
 
 
 def normalize_chw(
@@ -81,14 +83,15 @@ def normalize_chw(
 ) -> np.ndarray:
     """uint8 HWC -> float32 CHW, (x/255 - mean) / std per channel.
 
-    By table look-up (256 values per channel), 2.5x faster than the arithmetic on every pixel
-    and the same numbers: this runs once per scored image."""
+    By table look-up (256 values per channel; OpenCV's LUT writes each channel's plane in
+    place), 2.5x faster than the arithmetic on every pixel with the same numbers: this runs
+    once per scored image."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
     table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
     out = np.empty((3, *image.shape[:2]), dtype=np.float32)
-    for channel in range(3):
-        np.take(table[channel], image[:, :, channel], out=out[channel])
+    for channel, plane in enumerate(cv2.split(image)):
+        cv2.LUT(plane, table[channel], dst=out[channel])
     return out
 
 
