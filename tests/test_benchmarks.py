@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def test_score_throughput_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFix
         for key in ("ratio_ours_fp32_eager", "ratio_ours_fp32_ort_fp32",
                     "ratio_int8_fp32_model_only"):
             assert _positive(summary[key]), key
+    if os.cpu_count() and os.cpu_count() >= 2:  # the model on one core, decoding on the rest
+        expected |= {"ours_1core", "ort_model_only_1core"}
+        assert _positive(summary["ratio_ours_ort_model_only_1core"])
+        assert isinstance(result["goals"]["met_ort_1core"], bool)
     assert {r["name"] for r in result["runs"]} == expected
     assert all(r["n"] == 40 for r in result["runs"])
     assert set(result["goals"]) >= {"met_eager", "met_ort"}
