@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from embryo_ml.data.preprocess import RESIZE_POLICY
 from embryo_ml.export.bundle import Bundle, file_sha256, write_bundle_json
 
 
@@ -26,6 +27,7 @@ def make_fake_bundle(
     temperature: float = 1.0,
     size: int = 16,
     declared_width: int | str | None = None,
+    resize_policy: str = RESIZE_POLICY,
 ) -> Path:
     """Write model.onnx (GlobalAveragePool -> Flatten -> MatMul -> Add) and bundle.json."""
     import onnx
@@ -54,7 +56,7 @@ def make_fake_bundle(
     bundle = Bundle(architecture="fake-linear", classes=classes, positive_class=classes[0],
                     input_size=size, mean=[0.5] * 3, std=[0.5] * 3,
                     sha256=file_sha256(folder / "model.onnx"), temperature=temperature,
-                    heads=heads)
+                    heads=heads, resize_policy=resize_policy)
     write_bundle_json(bundle, folder)
     return folder
 

@@ -390,3 +390,21 @@ def test_resume_refuses_another_model_or_options(
     # the same bundle and options resume (nothing left to score)
     again = score_images(manifest, fake_bundle, out, progress=False, resume=True)
     assert again.n_images == 0 and again.n_resumed == N_IMAGES + 1
+
+
+def test_a_bundle_validated_on_other_pixels_is_warned(
+    tmp_path: Path, manifest: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older bundle (validated on images prepared another way) still scores, with one warning
+    that its validation figures were measured on slightly different pixels."""
+    weights = np.ones((3, 2))
+    old = make_fake_bundle(tmp_path / "old", weights, resize_policy="squash-inter-area")
+    current = make_fake_bundle(tmp_path / "current", weights)
+    with caplog.at_level("WARNING", logger="embryo_ml.score.scorer"):
+        score_images(manifest, current, tmp_path / "a.csv", progress=False)
+        assert not caplog.records
+        summary = score_images(manifest, old, tmp_path / "b.csv", progress=False)
+    assert summary.n_scored == N_IMAGES
+    [record] = caplog.records
+    assert "'squash-inter-area'" in record.getMessage()
+    assert "export the run again" in record.getMessage()

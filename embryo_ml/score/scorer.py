@@ -41,6 +41,7 @@ then rename) with `rank_in_cohort`, and the embryos table is written beside it
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -61,7 +62,7 @@ import pandas as pd
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS
 from embryo_ml.data.manifest import iter_image_files, read_manifest
-from embryo_ml.data.preprocess import preprocess, read_for_model
+from embryo_ml.data.preprocess import RESIZE_POLICY, preprocess, read_for_model
 from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle
 from embryo_ml.fileio import atomic_write_text
@@ -80,6 +81,7 @@ from embryo_ml.score.writers import (
 )
 
 GARDNER_HEADS = ("expansion", "icm", "te")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,12 @@ class OnnxScorer:
         self.bundle = bundle
         self.max_pixels = max_pixels
         self.tta = tta
+        if bundle.resize_policy != RESIZE_POLICY:
+            log.warning(
+                "bundle %s was validated on images prepared as %r; this version prepares them "
+                "as %r (pixels a few grey levels apart), so scores may differ slightly from its "
+                "validation figures; export the run again to validate it on the same pixels",
+                bundle.path, bundle.resize_policy, RESIZE_POLICY)
         self.quality = QualityThresholds.from_dict(bundle.quality) if bundle.quality else None
         model_path, self.precision = choose_model(bundle, precision)
         self.session = ort.InferenceSession(
