@@ -46,16 +46,19 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(array.astype(np.float32) / full * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 3): grey stored as RGB, the one format downstream code sees."""
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("RGB",):
         return np.asarray(image, dtype=np.uint8)
     if mode in ("L", "1"):
-        gray = np.asarray(image.convert("L"), dtype=np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return _gray_to_rgb(np.asarray(image.convert("L"), dtype=np.uint8))
     if mode.startswith("I") or mode == "F":
-        gray = _to_uint8(np.asarray(image))
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return _gray_to_rgb(_to_uint8(np.asarray(image)))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Composite on black: microscopy backgrounds are not white, and a transparent corner
         # must not turn into a bright artefact.
@@ -199,5 +202,5 @@ def _decode_jpeg(
     if decoded is None or decoded.shape[:2] != expected:
         return None
     if grey:
-        return np.repeat(decoded[:, :, None], 3, axis=2)
+        return _gray_to_rgb(decoded)
     return decoded if decoded.flags.c_contiguous else np.ascontiguousarray(decoded)
