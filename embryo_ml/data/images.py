@@ -203,4 +203,4 @@ def _decode_jpeg(
         return None
     if grey:
         return _gray_to_rgb(decoded)
-    return decoded if decoded.flags.c_contiguous else np.ascontiguousarray(decoded)
+    return np.ascontiguousarray(decoded)  # (the same array when it already is)
