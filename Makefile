@@ -13,6 +13,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The pinned torch build brings its CUDA libraries (~6 GiB in .venv): say so before pip
+	# runs out of room half-way (a full disk once failed CI with a bare ENOSPC).
+	@$(BIN)/python -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	  free < 8 and print(f'setup: only {free:.1f} GiB free on this disk; .venv needs about 7 GiB', file=sys.stderr)"
 	# torch first, from the pinned builds (a plain `torch` would pull a newer multi-GB build)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
