@@ -137,11 +137,12 @@ def run_ours(folder: Path, bundle: Path, out: Path, batch_size: int, workers: in
 
 def predecode(paths: list[str], bundle: Path, batch_size: int) -> list[np.ndarray]:
     """Every image read and preprocessed as the scorer does, in float32 batches."""
-    from embryo_ml.data.preprocess import load_square, normalize_chw
+    from embryo_ml.data.preprocess import preprocess, read_for_model
     from embryo_ml.export.bundle import read_bundle
 
     b = read_bundle(bundle)
-    pixels = [normalize_chw(load_square(p, b.input_size), b.mean, b.std) for p in paths]
+    pixels = [preprocess(read_for_model(p, b.input_size), b.input_size, b.mean, b.std)
+              for p in paths]
     return [np.ascontiguousarray(np.stack(pixels[i:i + batch_size]))
             for i in range(0, len(pixels), batch_size)]
 

@@ -153,8 +153,13 @@ def test_jpeg_decoded_by_opencv_gives_pillows_pixels(
 
     used = []
     original = images._decode_jpeg
-    monkeypatch.setattr(images, "_decode_jpeg",
-                        lambda *a: used.append(original(*a) is not None) or original(*a))
+
+    def recording(*args: object) -> np.ndarray | None:
+        decoded = original(*args)
+        used.append(decoded is not None)
+        return decoded
+
+    monkeypatch.setattr(images, "_decode_jpeg", recording)
     rgb = _smooth_embryo_like(500)
     rgb[..., 1] = np.roll(rgb[..., 1], 7, axis=1)  # colour, so chroma matters
     picture = Image.fromarray(rgb[..., 0] if kind == "grey" else rgb)
