@@ -90,8 +90,23 @@ class TrainConfig(_Section):
     weighted_sampler: bool = Field(False, description="sample classes equally often")
     freeze_backbone_epochs: int = Field(0, ge=0, description="train only the head at first")
     head_lr: float | None = Field(None, gt=0.0, description="head learning rate; None = lr")
+    scratch_lr: float | None = Field(
+        None, gt=0.0, description="learning rate of every layer when no pretrained weights "
+        "were loaded; None = head_lr, else lr (see embryo_ml.train.recipe)")
+    adapt_to_weights: bool = Field(
+        True, description="apply freeze_backbone_epochs and the lr/head_lr split only when "
+        "pretrained weights were loaded; false = every setting as written")
     ema: bool = Field(False, description="evaluate and export an EMA of the weights")
-    ema_decay: float = Field(0.998, gt=0.0, lt=1.0)
+    ema_decay: float = Field(
+        0.998, gt=0.0, lt=1.0, description="the EMA's largest decay; warmed up from 0 and "
+        "capped so the average spans at most a tenth of the run (embryo_ml.train.ema)")
+    ema_warmup: bool = Field(
+        True, description="warm the EMA decay up from 0 and cap it by the run length; false = "
+        "the fixed ema_decay from the first step (the behaviour before the warm-up)")
+    refit: bool = Field(
+        False, description="after choosing the epoch count on the validation split, retrain "
+        "on train + validation for that many epochs and export that model (calibration and "
+        "the validation verdict stay those of the validation run)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
@@ -109,6 +124,9 @@ class TrainConfig(_Section):
     select_subgroup: str = Field(
         "day", min_length=1, description="the column of select_metric=mean_subgroup_auc"
     )
+    learning_check_epoch: int = Field(
+        2, ge=0, description="after this epoch (0-based), warn when the training loss has not "
+        "fallen below the loss of a constant prediction; 0 = no check")
 
 
 class LossConfig(_Section):
@@ -156,6 +174,12 @@ class EvalConfig(_Section):
         0.05, ge=0.0, le=1.0, description="warn when the model's AUC does not beat the AUC of "
         "a subgroup column alone by this much"
     )
+    gate_within: list[str] = Field(
+        default_factory=lambda: ["day"], description="columns whose mean within-group AUC "
+        "must exclude 0.5 for the run to pass its validation check (where the data has them)")
+    gate_min_per_class: int = Field(
+        10, ge=1, description="fewer validation images of a class than this: the validation "
+        "verdict is 'inconclusive'")
 
     @field_validator("subgroups")
     @classmethod

@@ -203,7 +203,7 @@ def test_select_metric_resolution() -> None:
     meta = pd.DataFrame({"day": [3, 3, 5, 5], "patient_id": ["a", "a", "b", "b"]})
     y = np.array([True, False, True, False])
     selection = resolve_selection(cfg, meta, y)
-    assert selection.metric == "within_day_auc"
+    assert selection.metric == "pooled_within_day_auc"
     assert selection.score(y, np.array([0.2, 0.1, 0.9, 0.8])) == 1.0  # overall AUC is 0.75
     assert resolve_selection(cfg, meta.drop(columns="day"), y).metric == "auc"
     cfg.train.select_metric = "within_patient_auc"
@@ -220,10 +220,10 @@ def test_training_selects_by_within_day_auc_and_reports_evaluation(trained_run: 
     run_dir = trained_run["run_dir"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = pd.read_csv(run_dir / "history.csv")
-    assert metrics["select_metric"] == "within_day_auc"  # synthetic data has a day column
-    assert metrics["best_score"] == pytest.approx(history["val_within_day_auc"].max())
-    # temperature scaling keeps the ranking, so the final evaluation agrees with the choice
-    assert metrics["val_within_day_auc"] == pytest.approx(metrics["best_score"], abs=1e-6)
+    # synthetic data has a day column: within-day AUC pooled over same-day pairs
+    assert metrics["select_metric"] == "pooled_within_day_auc"
+    assert metrics["best_score"] == pytest.approx(history["val_pooled_within_day_auc"].max())
+    assert "weighted by its positive x negative pairs" in metrics["selection_rule"]
     evaluation = metrics["evaluation"]
     assert evaluation["subgroups"][0]["column"] == "(all)"
     assert {r["column"] for r in evaluation["subgroups"][1:]} == {"day", "focal_plane"}
@@ -237,7 +237,7 @@ def test_training_selects_by_within_day_auc_and_reports_evaluation(trained_run: 
         assert artifact in summary["artifacts"], artifact
     assert "val_eval.shortcut.day.baseline_auc" in summary["metrics"]
     assert "best_val_within_day_auc" in summary["metrics"]
-    assert len(summary["history"]["val_within_day_auc"]) == 2  # per epoch
+    assert len(summary["history"]["val_pooled_within_day_auc"]) == 2  # per epoch
     logged = json.dumps([summary["params"], summary["tags"], sorted(summary["metrics"])])
     assert "P00" not in logged and "P00" not in json.dumps(evaluation)
 

@@ -1,9 +1,13 @@
 """Which validation number picks the best checkpoint (`train.select_metric`).
 
 - `auc`: the overall ROC AUC.
-- `mean_subgroup_auc`: the mean within-group AUC of the column `train.select_subgroup`
-  (default `day`) over its validation groups with both classes and `eval.min_group_size`
-  images: named `within_<column>_auc`, e.g. `within_day_auc`.
+- `mean_subgroup_auc`: the within-group AUC of the column `train.select_subgroup` (default
+  `day`), pooled over its validation groups with both classes, each group weighted by its
+  positive x negative pairs (`subgroups.pooled_group_auc`): named `pooled_within_<column>_auc`,
+  e.g. `pooled_within_day_auc`. Weighting by pairs is the small-subgroup rule: a validation
+  split of 118 images whose day 3 holds 4 good embryos would otherwise let that day's AUC (noise
+  at n=4) decide half of every comparison. The final report still shows the unweighted mean
+  (`within_day_auc`) with its interval; the gate reads that one.
 - `within_patient_auc`: the mean AUC within each patient's cohort (see `cohort_metrics`).
 - `auto` (default): `mean_subgroup_auc` when the data has the `select_subgroup` column and
   the validation split has a group to compute it on, else `auc`. On data with a `day` column a
@@ -25,7 +29,8 @@ from embryo_ml.config import Config
 from embryo_ml.errors import ConfigError
 from embryo_ml.evaluation.cohort_metrics import within_patient_metrics
 from embryo_ml.evaluation.metrics import roc_auc
-from embryo_ml.evaluation.subgroups import mean_group_auc, ok_groups
+from embryo_ml.evaluation.shortcut import column_values, natural_key
+from embryo_ml.evaluation.subgroups import ok_groups, pooled_group_auc
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Selection:
             frame = self.meta.assign(y=y, score=np.asarray(p, dtype=float))
             return float(within_patient_metrics(frame, None, self.cohort_by)[self.metric])
         values = self.meta[self.column].to_numpy(dtype=object)
-        return float(mean_group_auc(y, p, values, self.min_size)[0])
+        return pooled_group_auc(y, p, values)[0]
 
 
 def resolve_selection(cfg: Config, meta: pd.DataFrame, y: np.ndarray) -> Selection:
@@ -80,8 +85,14 @@ def resolve_selection(cfg: Config, meta: pd.DataFrame, y: np.ndarray) -> Selecti
         raise ConfigError(f"train.select_metric=mean_subgroup_auc with "
                           f"train.select_subgroup={column}: {why}")
     if usable:
-        return Selection(f"within_{column}_auc", f"train.select_metric={choice}: mean "
-                         f"within-{column} AUC", meta[[column]], column, min_size)
+        values = column_values(meta[column].to_numpy(dtype=object))
+        sizes = ", ".join(f"{v}: {int(y[values == v].sum())}+{int((~y[values == v]).sum())}"
+                          for v in sorted(set(values), key=natural_key))
+        return Selection(f"pooled_within_{column}_auc", f"train.select_metric={choice}: "
+                         f"within-{column} AUC pooled over same-{column} pairs (each {column} "
+                         f"weighted by its positive x negative pairs; validation "
+                         f"positives+negatives per {column}: {sizes})", meta[[column]], column,
+                         min_size)
     note = (f"train.select_metric=auto: overall AUC (the data has no '{column}' column)"
             if not present else f"train.select_metric=auto: overall AUC (no '{column}' group "
             "of the validation split has both classes and eval.min_group_size images)")

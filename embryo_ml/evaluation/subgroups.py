@@ -57,6 +57,24 @@ def mean_group_auc(y: np.ndarray, p: np.ndarray, values: np.ndarray, min_size: i
     return np.where(counted > 0, total / np.maximum(counted, 1), np.nan)
 
 
+def pooled_group_auc(y: np.ndarray, p: np.ndarray, values: np.ndarray) -> tuple[float, int]:
+    """Within-group AUC pooled over groups, each weighted by its positive x negative pairs:
+    the share of same-group (good, poor) pairs the scores put in the right order, and how many
+    pairs that is. A day with 3 good and 10 poor embryos weighs 30 pairs, not as much as a day
+    with 40 x 60: a small group cannot dominate, where an unweighted mean lets its noise
+    decide. (NaN, 0) when no group has both classes."""
+    y, p = np.asarray(y, dtype=bool), np.asarray(p, dtype=float)
+    values = column_values(values)
+    total, pairs = 0.0, 0
+    for value in set(values):
+        rows = values == value
+        n_pos, n_neg = int(y[rows].sum()), int((~y[rows]).sum())
+        if n_pos and n_neg:
+            total += float(roc_auc(y[rows], p[rows])[0]) * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return (total / pairs if pairs else math.nan), pairs
+
+
 def _metric_row(column: str, value: str, y: np.ndarray, p: np.ndarray, predicted: np.ndarray,
                 rows: np.ndarray, status: str, bootstrap: GroupBootstrap | None
                 ) -> dict[str, Any]:

@@ -5,10 +5,16 @@ score so far by `train.select_metric`, written atomically), `history.csv`, and a
 `metrics.json`, `val_predictions.csv` and `subgroup_metrics.csv`. MLflow receives the same,
 plus plots and the dataset fingerprint.
 
-The final validation is evaluated by `embryo_ml.evaluation` (subgroups, shortcut baselines fit
-on the training rows, within-patient ranking): `metrics.json` holds it under `evaluation`, its
-headline numbers as `val_within_<column>_auc`, `val_within_patient_auc`, `val_top1_accuracy`,
-..., and the checkpoint metric as `select_metric` / `best_score`.
+Which rules train the model depends on whether pretrained weights were loaded
+(`embryo_ml.train.recipe`); the EMA warms up (`embryo_ml.train.ema`); the best epoch is chosen by
+a metric a small subgroup cannot dominate (`embryo_ml.evaluation.selection`), never during the
+learning-rate warm-up. After the epochs, the final validation is evaluated by
+`embryo_ml.evaluation` and judged by the model-quality gate (`embryo_ml.evaluation.gate`):
+`metrics.json` holds the verdict under `validation`, the evaluation under `evaluation`, its
+headline numbers as `val_within_<column>_auc`, ..., and the checkpoint metric as
+`select_metric` / `best_score`. With `train.refit` the model is then retrained on train +
+validation for the chosen number of epochs (`best.pt` is that model; the validation run's
+checkpoint stays as `selection.pt`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Subset
 
 import embryo_ml
 from embryo_ml.config import CalibrationConfig, Config, save_config
@@ -41,10 +46,11 @@ from embryo_ml.data.preprocess import decode_side, read_for_model
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import ConfigError
+from embryo_ml.evaluation.gate import FAILED, validation_verdict, verdict_line
 from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
 from embryo_ml.evaluation.selection import Selection, resolve_selection
 from embryo_ml.fileio import atomic_write_text
-from embryo_ml.models import build_model, model_normalization
+from embryo_ml.models import build_model_with_source, model_normalization
 from embryo_ml.report.plots import (
     confusion_matrix_figure,
     reliability_figure,
@@ -67,6 +73,7 @@ from embryo_ml.train.distributed import (
     shutdown,
 )
 from embryo_ml.train.heads import (
+    Heads,
     head_accuracies,
     head_columns,
     head_layout,
@@ -74,9 +81,10 @@ from embryo_ml.train.heads import (
     main_output,
     output_width,
 )
-from embryo_ml.train.loop import EvalOutput, Precision, evaluate, train_one_epoch
-from embryo_ml.train.losses import MultiHeadLoss, build_criterion
+from embryo_ml.train.loop import EvalOutput, Precision, evaluate
 from embryo_ml.train.metrics import binary_metrics, confusion, softmax
+from embryo_ml.train.precision import resolve_precision
+from embryo_ml.train.recipe import Recipe, resolve_recipe
 from embryo_ml.train.state import (
     CHECKPOINT_NAME,
     LAST_NAME,
@@ -92,10 +100,18 @@ from embryo_ml.train.tracking import (
     git_commit,
     resolve_tracking_uri,
 )
+from embryo_ml.train.trainer import Trainer, build_trainer, loader_args
 from embryo_ml.versions import package_versions
 
 log = logging.getLogger(__name__)
 QUALITY_NAME = "quality.json"
+SELECTION_NAME = "selection.pt"  # with train.refit: the validation run's best checkpoint
+LEARNING_CAUSES = ("likely causes: a learning rate too low or too high (train.lr, "
+                   "train.scratch_lr), a frozen random backbone (train.freeze_backbone_epochs "
+                   "without pretrained weights), or labels that do not follow the images "
+                   "(check the manifest's label column)")
+
+__all__ = ["FitResult", "fit", "resolve_precision", "load_checkpoint", "evaluation_frame"]
 
 
 @dataclass
@@ -106,20 +122,29 @@ class FitResult:
     tracking_uri: str
 
 
+@dataclass
+class RunData:
+    """The labelled table of a run and its split."""
+
+    table: pd.DataFrame
+    classes: list[str]
+    targets: np.ndarray  # main-class index per row
+    item_targets: np.ndarray  # what the loader yields: targets, or gardner target rows
+    heads: Heads
+    positive_index: int
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    group_column: str
+
+    @property
+    def paths(self) -> list[str]:
+        return self.table["path"].tolist()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _worker_init(worker_id: int) -> None:
-    """Give each DataLoader worker its own, repeatable augmentation stream."""
-    info = torch.utils.data.get_worker_info()
-    seed = int(info.seed % 2**31) if info else worker_id
-    random.seed(seed)
-    np.random.seed(seed)
-    if info is not None:
-        info.dataset.transform.set_random_seed(seed)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -128,21 +153,6 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
-
-
-def resolve_precision(amp: str, channels_last: str | bool, device: torch.device) -> Precision:
-    """Mixed precision and memory format for `device`: `auto` turns both on with CUDA only
-    (bf16 where the GPU supports it, else fp16 with a gradient scaler); on CPU, `bf16` may be
-    asked for explicitly (useful on CPUs with bf16 instructions), `fp16` is refused."""
-    cuda = device.type == "cuda"
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
-    if amp == "fp16" and not cuda:
-        raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or off on CPU")
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    use_nhwc = channels_last is True or (channels_last == "auto" and cuda)
-    return Precision(dtype, use_nhwc, scaler)
 
 
 def evaluate_all(
@@ -166,16 +176,6 @@ def dataset_fingerprint(table: pd.DataFrame) -> dict[str, Any]:
     counts = table["label"].value_counts().sort_index()
     return {"data.sha256": digest, "data.n_images": len(table),
             **{f"data.count.{k}": int(v) for k, v in counts.items()}}
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
-    """LR multiplier per step: linear warmup, then cosine decay to 1% of the base rate."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
 
 
 def _save_on_main(main: bool, state: dict[str, Any], path: Path) -> None:
@@ -241,37 +241,88 @@ def evaluation_frame(table: pd.DataFrame, rows: np.ndarray, positive_class: str,
 
 
 def _evaluate_validation(
-    cfg: Config, table: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
-    p_positive: np.ndarray, predicted_positive: np.ndarray,
+    cfg: Config, run: RunData, p_positive: np.ndarray, predicted_positive: np.ndarray,
 ) -> tuple[Evaluation, pd.DataFrame]:
     """The final validation predictions through `embryo_ml.evaluation` (shortcut baselines fit
     on the training rows); returns the evaluation and the frame it read."""
     positive = cfg.data.positive_class
-    frame = evaluation_frame(table, val_idx, positive, cfg.labels.grade_column).assign(
+    frame = evaluation_frame(run.table, run.val_idx, positive, cfg.labels.grade_column).assign(
         score=p_positive, predicted=predicted_positive)
-    train = evaluation_frame(table, train_idx, positive, cfg.labels.grade_column)
+    train = evaluation_frame(run.table, run.train_idx, positive, cfg.labels.grade_column)
     return evaluate_predictions(frame, cfg.eval, positive, cfg.seed, train=train), frame
 
 
-def _parameter_groups(model: nn.Module, cfg: Config) -> tuple[list[dict], list[nn.Parameter]]:
-    """Backbone and head as two optimizer groups (separate learning rates); returns the groups
-    and the backbone parameters (frozen during `freeze_backbone_epochs`)."""
-    head = list(model.get_classifier().parameters())
-    head_ids = {id(p) for p in head}
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
-    groups = [{"params": backbone, "lr": cfg.train.lr},
-              {"params": head, "lr": cfg.train.head_lr or cfg.train.lr}]
-    return [g for g in groups if g["params"]], backbone
+def load_run_data(cfg: Config, source: str | os.PathLike[str],
+                  split: tuple[np.ndarray, np.ndarray] | None) -> RunData:
+    """The manifest with its training targets, and the grouped split (or the given one)."""
+    table = load_table(source)
+    labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
+    classes = labelled.classes
+    table = table.assign(label=labelled.labels)  # what the split stratifies and hashes
+    if split is None:
+        train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
+    else:
+        (train_idx, val_idx), group_column = split, "given"
+    return RunData(table, classes, labelled.y, labelled.item_targets(),
+                   head_layout(cfg.labels.task, len(classes)),
+                   classes.index(cfg.data.positive_class), train_idx, val_idx, group_column)
 
 
-def _train_sampler(
-    targets: np.ndarray, n_classes: int, generator: torch.Generator
-) -> WeightedRandomSampler:
-    """Each class drawn equally often in expectation (with replacement)."""
-    counts = np.bincount(targets, minlength=n_classes).astype(float)
-    weights = 1.0 / counts[targets]
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets),
-                                 replacement=True, generator=generator)
+@dataclass
+class Inputs:
+    """How images reach the model: size, normalisation, the decoded cache."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    cache: DecodedCache | None
+    max_pixels: int
+
+    def dataset(self, paths: list[str], targets: np.ndarray, transform: Any) -> EmbryoImageDataset:
+        return EmbryoImageDataset(paths, targets, transform, self.cache, self.max_pixels,
+                                  decode_side(self.size))
+
+
+def build_run_model(cfg: Config, run: RunData, device: torch.device,
+                    precision: Precision) -> tuple[nn.Module, Recipe, Inputs]:
+    """The model (weights as configured), the recipe that follows from what was loaded, and
+    the input pipeline settings (mean/std from the model's pretrained config unless set)."""
+    model, weights = build_model_with_source(
+        cfg.model, num_classes=output_width(len(run.classes), run.heads))
+    model = model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    default_mean, default_std = model_normalization(model)
+    size = cfg.data.image_size
+    cache = (DecodedCache(cfg.data.cache_dir, size, cfg.data.max_pixels)
+             if cfg.data.cache_dir else None)
+    inputs = Inputs(size, tuple(cfg.data.mean or default_mean), tuple(cfg.data.std or default_std),
+                    cache, cfg.data.max_pixels)
+    return model, resolve_recipe(cfg.train, weights), inputs
+
+
+def _best_checkpoint(cfg: Config, run: RunData, scored: nn.Module, inputs: Inputs,
+                     epoch: int, metrics: dict[str, float], run_id: str | None,
+                     **extra: Any) -> dict[str, Any]:
+    """`best.pt`: what export needs of the model and its inputs."""
+    return {"state_dict": scored.state_dict(), "model_name": cfg.model.name,
+            "classes": run.classes, "positive_class": cfg.data.positive_class,
+            "image_size": inputs.size, "mean": list(inputs.mean), "std": list(inputs.std),
+            "epoch": epoch, "val_metrics": metrics, "config": cfg.model_dump(mode="json"),
+            "heads": run.heads, "run_id": run_id, **extra}
+
+
+def learning_warning(history: list[dict[str, Any]], check_epoch: int,
+                     baseline_loss: float) -> str | None:
+    """A plain warning when the training loss at `check_epoch` is still at the loss of a
+    constant prediction (within 3%): the model is not learning from the images."""
+    if not check_epoch or len(history) <= check_epoch:
+        return None
+    loss = history[check_epoch]["train_loss"]
+    if loss < 0.97 * baseline_loss:
+        return None
+    return (f"the training loss has not fallen after {check_epoch + 1} epochs ({loss:.4f}; "
+            f"a constant prediction scores {baseline_loss:.4f}): {LEARNING_CAUSES}")
 
 
 def fit(
@@ -289,10 +340,30 @@ def fit(
     rank 0 logs to MLflow and writes the run folder; every rank returns the same metrics."""
     device = pick_device(cfg.train.device)
     context = init_distributed(device.type == "cuda")
+    threads = torch.get_num_threads()
     try:
         return _fit(cfg, data, run_dir, progress, resume, split, nested, device, context)
     finally:
+        torch.set_num_threads(threads)  # a notebook's torch keeps its own setting
         shutdown(context)
+
+
+def _log_start(tracker: Any, cfg: Config, run: RunData, recipe: Recipe, trainer: Trainer,
+               precision: Precision, device: torch.device, context: DistContext) -> None:
+    """The run's parameters and tags in MLflow (a new run only)."""
+    tracker.log_params(cfg.flat())
+    tracker.log_params({"data.classes": ",".join(run.classes),
+                        "data.split_group": run.group_column,
+                        "data.n_train": len(run.train_idx), "data.n_val": len(run.val_idx),
+                        "train.world_size": context.world_size,
+                        "train.precision": str(precision.amp_dtype or "float32"),
+                        "train.channels_last_used": precision.channels_last,
+                        **{f"recipe.{k}": v for k, v in recipe.to_json().items()},
+                        "recipe.ema_max_decay": trainer.ema.max_decay if trainer.ema else None})
+    tracker.set_tags({**dataset_fingerprint(run.table), "git_commit": git_commit(),
+                      "embryo_ml_version": embryo_ml.__version__,
+                      "torch_version": torch.__version__, "device": device.type,
+                      **{f"version.{k}": v for k, v in package_versions().items()}})
 
 
 def _fit(
@@ -304,26 +375,17 @@ def _fit(
     if source is None:
         raise ConfigError("no training data: pass --data or set data.manifest")
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))  # before any heavy work
-    run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir / LAST_NAME) if resume else None
-    table = load_table(source)
-    labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
-    classes, targets = labelled.classes, labelled.y  # the main head: scored and ranked
-    heads = head_layout(cfg.labels.task, len(classes))  # gardner: grade heads after the classes
-    item_targets = labelled.item_targets()  # what the loader yields: y, or gardner target rows
-    table = table.assign(label=labelled.labels)  # what the split stratifies and hashes
-    positive_index = classes.index(cfg.data.positive_class)
-    if split is None:
-        train_idx, val_idx, group_column = grouped_split(table, cfg.data.val_fraction, cfg.seed)
-    else:
-        (train_idx, val_idx), group_column = split, "given"
-
-    main = context.is_main  # the one process that writes files and talks to MLflow
-    selection: Selection = resolve_selection(
-        cfg, table.iloc[val_idx], targets[val_idx] == positive_index)
     if context.enabled and cfg.train.weighted_sampler:
         raise ConfigError("train.weighted_sampler is not available with torchrun (DDP); use "
                           "loss.class_weights=auto instead")
+    if context.enabled and cfg.train.refit:
+        raise ConfigError("train.refit is not available with torchrun (DDP) yet")
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / LAST_NAME) if resume else None
+    run = load_run_data(cfg, source, split)
+    main = context.is_main  # the one process that writes files and talks to MLflow
+    selection: Selection = resolve_selection(
+        cfg, run.table.iloc[run.val_idx], run.targets[run.val_idx] == run.positive_index)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -334,231 +396,292 @@ def _fit(
     if device.type == "cuda" and context.enabled:
         device = torch.device("cuda", context.local_rank)
     precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device)
-
-    model = build_model(cfg.model, num_classes=output_width(len(classes), heads)).to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    default_mean, default_std = model_normalization(model)
-    mean = tuple(cfg.data.mean or default_mean)
-    std = tuple(cfg.data.std or default_std)
-    size = cfg.data.image_size
-    paths = table["path"].tolist()
-    max_pixels = cfg.data.max_pixels
-    cache = DecodedCache(cfg.data.cache_dir, size, max_pixels) if cfg.data.cache_dir else None
-    augment = build_train_transform(size, mean, std, cfg.augment if cfg.train.augment else None,
+    model, recipe, inputs = build_run_model(cfg, run, device, precision)
+    paths = run.paths
+    augment = build_train_transform(inputs.size, inputs.mean, inputs.std,
+                                    cfg.augment if cfg.train.augment else None,
                                     seed=cfg.seed + context.rank)
-    train_set = EmbryoImageDataset(
-        [paths[i] for i in train_idx], item_targets[train_idx], augment, cache, max_pixels,
-        decode_side(size))
-    val_set = EmbryoImageDataset(
-        [paths[i] for i in val_idx], item_targets[val_idx], build_eval_transform(size, mean, std),
-        cache, max_pixels, decode_side(size),
-    )
+    train_set = inputs.dataset([paths[i] for i in run.train_idx],
+                               run.item_targets[run.train_idx], augment)
+    val_set = inputs.dataset([paths[i] for i in run.val_idx], run.item_targets[run.val_idx],
+                             build_eval_transform(inputs.size, inputs.mean, inputs.std))
     val_shard = (Subset(val_set, shard_indices(len(val_set), context)) if context.enabled
                  else val_set)
-    loader_args: dict[str, Any] = {
-        "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
-        "pin_memory": device.type == "cuda", "worker_init_fn": _worker_init,
-        "persistent_workers": cfg.data.num_workers > 0,
-    }
-    generator = torch.Generator().manual_seed(cfg.seed)
-    drop_last = len(train_set) > cfg.train.batch_size * context.world_size
-    if context.enabled:
-        sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=drop_last)
-    else:
-        sampler = (_train_sampler(targets[train_idx], len(classes), generator)
-                   if cfg.train.weighted_sampler else None)
-    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler,
-                              drop_last=drop_last, generator=generator, **loader_args)
-    val_loader = DataLoader(val_shard, shuffle=False, **loader_args)
-    # DDP averages gradients across ranks; frozen-backbone epochs leave some parameters unused.
-    trained = (DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=cfg.train.freeze_backbone_epochs > 0)
-        if context.enabled else model)
+    val_loader = DataLoader(val_shard, shuffle=False, **loader_args(cfg, device))
+    trainer = build_trainer(cfg, model, recipe, train_set, run.targets[run.train_idx],
+                            len(run.classes), run.heads, device, context, cfg.train.epochs)
 
-    criterion = build_criterion(cfg.loss, targets[train_idx], len(classes))
-    if heads:
-        criterion = MultiHeadLoss(criterion, len(classes), heads, cfg.loss.grade_weight)
-    criterion = criterion.to(device)
-    groups, backbone = _parameter_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch))
-    ema = None
-    if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    scored = ema.module if ema is not None else model  # what is evaluated and exported
-
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    history: list[dict[str, float]] = []
-    best_score, best_epoch, stale, first_epoch = -math.inf, -1, 0, 0
-    run_id = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best_epoch, stale = list(state["history"]), state["best_epoch"], state["stale"]
-        best_score, first_epoch, run_id = state["best_score"], state["epoch"] + 1, state["run_id"]
-        restore_rng_state(state["rng"], generator, augment)
-        if precision.scaler is not None and state.get("scaler"):
-            precision.scaler.load_state_dict(state["scaler"])
-        log.info("resuming %s at epoch %d (best so far: epoch %d)", run_dir, first_epoch,
-                 best_epoch)
     tracker_context = (RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                                  run_name=run_dir.name, run_id=run_id, nested=nested)
+                                  run_name=run_dir.name,
+                                  run_id=state["run_id"] if state else None, nested=nested)
                        if main else NullTracker(cfg.tracking.tracking_uri))
     with tracker_context as tracker:
         if state is None:
-            tracker.log_params(cfg.flat())
-            tracker.log_params({"data.classes": ",".join(classes),
-                                "data.split_group": group_column,
-                                "data.n_train": len(train_idx), "data.n_val": len(val_idx),
-                                "train.world_size": context.world_size,
-                                "train.precision": str(precision.amp_dtype or "float32"),
-                                "train.channels_last_used": precision.channels_last})
-            tracker.set_tags({**dataset_fingerprint(table), "git_commit": git_commit(),
-                              "embryo_ml_version": embryo_ml.__version__,
-                              "torch_version": torch.__version__, "device": device.type,
-                              **{f"version.{k}": v for k, v in package_versions().items()}})
+            _log_start(tracker, cfg, run, recipe, trainer, precision, device, context)
             tracker.log_artifact(run_dir / "config.yaml")
         if main:
-            (run_dir / "run_id.txt").write_text(tracker.run_id or "", encoding="utf-8")
-        if main:
+            atomic_write_text(run_dir / "run_id.txt", tracker.run_id or "")
             log.info("MLflow run %s; %d train / %d val images grouped by %s%s", tracker.run_id,
-                     len(train_idx), len(val_idx), group_column,
+                     len(run.train_idx), len(run.val_idx), run.group_column,
                      f"; {context.world_size} DDP processes" if context.enabled else "")
+            log.info("%s", recipe.describe())
+            if trainer.ema is not None:
+                log.info("EMA of the weights: decay warmed up from 0.1, at most %.4f (%d steps)",
+                         trainer.ema.max_decay, cfg.train.epochs * len(trainer.loader))
             log.info("best checkpoint by %s (%s)", selection.metric, selection.note)
+        loop = _EpochLoop(cfg, run, trainer, inputs, selection, val_loader, device, precision,
+                          context, run_dir, main, progress, tracker, augment)
+        loop.run(state)
+        return _finish(cfg, run, trainer, inputs, selection, loop, val_loader, device,
+                       precision, context, run_dir, tracker, progress, source)
 
-        for epoch in range(first_epoch, cfg.train.epochs):
-            if stale and cfg.train.patience and stale >= cfg.train.patience:
+
+class _EpochLoop:
+    """The epochs of the validation run: train, evaluate, log, keep the best, save `last.pt`."""
+
+    def __init__(self, cfg: Config, run: RunData, trainer: Trainer, inputs: Inputs,
+                 selection: Selection, val_loader: DataLoader, device: torch.device,
+                 precision: Precision, context: DistContext, run_dir: Path, main: bool,
+                 progress: bool, tracker: Any, augment: Any) -> None:
+        self.cfg, self.run_data, self.trainer, self.inputs = cfg, run, trainer, inputs
+        self.selection, self.val_loader, self.device = selection, val_loader, device
+        self.precision, self.context, self.run_dir, self.main = precision, context, run_dir, main
+        self.progress, self.tracker, self.augment = progress, tracker, augment
+        self.history: list[dict[str, Any]] = []
+        self.best_score, self.best_epoch, self.stale = -math.inf, -1, 0
+        self.warnings: list[str] = []
+        # No epoch of the learning-rate warm-up can be "best": it has not trained at its rate.
+        self.first_candidate = min(cfg.train.warmup_epochs, cfg.train.epochs - 1)
+
+    def run(self, state: dict[str, Any] | None) -> None:
+        first_epoch = 0
+        if state is not None:
+            first_epoch = self._restore(state)
+        patience = self.cfg.train.patience
+        for epoch in range(first_epoch, self.cfg.train.epochs):
+            if self.stale and patience and self.stale >= patience:
                 break  # a resumed run that had already stopped early
-            started = time.perf_counter()
-            for parameter in backbone:
-                parameter.requires_grad_(epoch >= cfg.train.freeze_backbone_epochs)
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch)
-            train_loss = train_one_epoch(trained, train_loader, optimizer, criterion, device,
-                                         scheduler, epoch, progress and main, ema, precision)
-            train_loss = mean_across_ranks(train_loss, 1, context)
-            full = evaluate_all(scored, val_loader, device, criterion, precision, context)
-            out = main_output(full, len(classes))  # all below reads the main classes only
-            metrics = {**_val_metrics(out.logits, out.targets, positive_index),
-                       **head_accuracies(full.logits, full.targets, heads)}
-            if selection.metric != "auc":  # the same gathered rows on every rank
-                metrics[selection.metric] = selection.score(
-                    out.targets == positive_index, softmax(out.logits)[:, positive_index])
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
-                   **{f"val_{k}": v for k, v in metrics.items()},
-                   "lr": optimizer.param_groups[-1]["lr"],
-                   "epoch_seconds": time.perf_counter() - started}
-            history.append(row)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            if main:
-                atomic_write_text(run_dir / "history.csv",
-                                  pd.DataFrame(history).to_csv(index=False))
-            chosen = metrics[selection.metric]
-            score = chosen if not math.isnan(chosen) else -out.loss
-            if score > best_score:
-                best_score, best_epoch, stale = score, epoch, 0
-                _save_on_main(main, {
-                    "state_dict": scored.state_dict(), "model_name": cfg.model.name,
-                    "classes": classes, "positive_class": cfg.data.positive_class,
-                    "image_size": size, "mean": list(mean), "std": list(std), "epoch": epoch,
-                    "val_metrics": metrics, "config": cfg.model_dump(mode="json"),
-                    "heads": heads,
-                    "run_id": tracker.run_id,
-                }, checkpoint_path)
-            else:
-                stale += 1
-            _save_on_main(main, {
-                "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": history, "best_score": best_score,
-                "best_epoch": best_epoch, "stale": stale, "run_id": tracker.run_id,
-                "rng": rng_state(generator, augment),
-                "scaler": precision.scaler.state_dict() if precision.scaler else None,
-            }, run_dir / LAST_NAME)
-            if progress and main:
-                chosen_text = ("" if selection.metric == "auc" else
-                               f"  val_{selection.metric} {metrics[selection.metric]:.4f}")
-                print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {out.loss:.4f}  "
-                      f"val_auc {metrics['auc']:.4f}{chosen_text}  "
-                      f"({row['epoch_seconds']:.1f}s)", flush=True)
-            if cfg.train.patience and stale >= cfg.train.patience:
-                log.info("early stop at epoch %d (best epoch %d)", epoch, best_epoch)
+            self._epoch(epoch)
+            if patience and self.stale >= patience:
+                log.info("early stop at epoch %d (best epoch %d)", epoch, self.best_epoch)
                 break
 
-        # Final numbers come from the best checkpoint, not the last epoch.
-        barrier(context)  # rank 0 has written it
-        scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-        full = evaluate_all(scored, val_loader, device, criterion, precision, context)
-        out = main_output(full, len(classes))
-        calibrated = calibrate(out.logits, out.targets, positive_index, cfg.calibration)
-        probs = softmax(out.logits, calibrated["temperature"])
-        is_positive = out.targets == positive_index
-        metrics = binary_metrics(is_positive, probs[:, positive_index], calibrated["threshold"])
-        predicted = predict_classes(probs, positive_index, calibrated["threshold"])
-        matrix = confusion(out.targets, predicted, len(classes))
-        evaluation, eval_frame = _evaluate_validation(
-            cfg, table, train_idx, val_idx, probs[:, positive_index], predicted == positive_index)
-        final = {**{f"val_{k}": v for k, v in metrics.items()}, "val_loss": out.loss,
-                 **{f"val_{k}": v for k, v in evaluation.headline().items()},
-                 "select_metric": selection.metric, "best_score": best_score,
-                 **calibrated, "best_epoch": best_epoch, "epochs_run": len(history),
-                 "n_train": len(train_idx), "n_val": len(val_idx), "classes": classes,
-                 "positive_class": cfg.data.positive_class,
-                 "val_confusion_matrix": matrix.tolist(),
-                 **head_summary(full.logits, full.targets, heads), "run_id": tracker.run_id,
-                 "shortcut_warnings": evaluation.warnings, "evaluation": evaluation.to_json()}
-        if not main:
-            return FitResult("", run_dir, final, tracker.tracking_uri)
-        if progress:
-            print(evaluation.format(), flush=True)
-        else:
-            for warning in evaluation.warnings:
-                log.warning("%s", warning.removeprefix("WARNING: "))
-        _write_json(final, run_dir / "metrics.json")
-        atomic_write_text(run_dir / "subgroup_metrics.csv", evaluation.table().to_csv(index=False))
-        _write_json(quality_thresholds([paths[i] for i in train_idx], out.logits, cfg.seed,
-                                       max_pixels, size).to_dict(), run_dir / QUALITY_NAME)
-        predictions = pd.DataFrame({"path": [paths[i] for i in val_idx],
-                                    "label": [classes[t] for t in out.targets]})
-        for i, name in enumerate(classes):
-            predictions[f"p_{name}"] = probs[:, i]
-        predictions["label_pred"] = [classes[i] for i in predict_classes(
-            probs, positive_index, calibrated["threshold"])]
-        predictions = predictions.assign(**head_columns(full.logits, full.targets, heads))
-        predictions.to_csv(run_dir / "val_predictions.csv", index=False)
+    def _restore(self, state: dict[str, Any]) -> int:
+        self.trainer.restore(state)
+        self.history = list(state["history"])
+        self.best_epoch, self.stale = state["best_epoch"], state["stale"]
+        self.best_score = state["best_score"]
+        restore_rng_state(state["rng"], self.trainer.generator, self.augment)
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        log.info("resuming %s at epoch %d (best so far: epoch %d)", self.run_dir,
+                 state["epoch"] + 1, self.best_epoch)
+        return state["epoch"] + 1
 
-        tracker.log_metrics({f"best_{k}": v for k, v in final.items()
-                             if isinstance(v, int | float) and k != "best_epoch"})
-        tracker.log_metrics({"best_epoch": best_epoch})
-        tracker.log_metrics({f"val_eval.{k}": v for k, v in evaluation.flat_metrics().items()})
-        if evaluation.warnings:
-            tracker.set_tags({"eval.shortcut_warning": ",".join(
-                s.column for s in evaluation.shortcuts if s.warning)})
-        tracker.log_figure(confusion_matrix_figure(matrix, classes), "plots/confusion_matrix.png")
-        for name, result in final.get("val_heads", {}).items():
-            tracker.log_figure(confusion_matrix_figure(
-                np.array(result["confusion_matrix"]), result["classes"],
-                f"{name} (n={result['n']} assessable)"), f"plots/confusion_matrix_{name}.png")
-        negative = classes[1 - positive_index] if len(classes) == 2 else "other"
-        for name, figure in evaluation_figures(eval_frame, evaluation, negative,
-                                               calibrated["threshold"]).items():
-            tracker.log_figure(figure, f"plots/{name}")
-        tracker.log_figure(training_curves_figure(history), "plots/training_curves.png")
-        tracker.log_figure(reliability_figure(
-            is_positive, softmax(out.logits)[:, positive_index], probs[:, positive_index],
-            calibrated["temperature"]), "plots/reliability_diagram.png")
-        for name in ("metrics.json", "history.csv", "subgroup_metrics.csv"):
-            tracker.log_artifact(run_dir / name)
-        if cfg.tracking.log_checkpoint:
-            tracker.log_artifact(checkpoint_path, "checkpoint")
-        return FitResult(tracker.run_id or "", run_dir, final, tracker.tracking_uri)
+    def _epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        run, trainer, n_classes = self.run_data, self.trainer, len(self.run_data.classes)
+        train_loss = trainer.run_epoch(epoch, self.device, self.precision, self.context,
+                                       self.progress and self.main)
+        full = evaluate_all(trainer.scored, self.val_loader, self.device, trainer.criterion,
+                            self.precision, self.context)
+        out = main_output(full, n_classes)  # all below reads the main classes only
+        metrics = {**_val_metrics(out.logits, out.targets, run.positive_index),
+                   **head_accuracies(full.logits, full.targets, run.heads)}
+        if self.selection.metric != "auc":  # the same gathered rows on every rank
+            metrics[self.selection.metric] = self.selection.score(
+                out.targets == run.positive_index, softmax(out.logits)[:, run.positive_index])
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
+               **{f"val_{k}": v for k, v in metrics.items()},
+               "lr": trainer.optimizer.param_groups[-1]["lr"],
+               "epoch_seconds": time.perf_counter() - started}
+        self.history.append(row)
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if self.main:
+            atomic_write_text(self.run_dir / "history.csv",
+                              pd.DataFrame(self.history).to_csv(index=False))
+        self._choose(epoch, metrics, out.loss)
+        self._check_learning(epoch)
+        _save_on_main(self.main, {
+            **trainer.state(), "epoch": epoch, "history": self.history,
+            "best_score": self.best_score, "best_epoch": self.best_epoch, "stale": self.stale,
+            "run_id": self.tracker.run_id, "rng": rng_state(trainer.generator, self.augment),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+        }, self.run_dir / LAST_NAME)
+        if self.progress and self.main:
+            chosen = ("" if self.selection.metric == "auc" else
+                      f"  val_{self.selection.metric} {metrics[self.selection.metric]:.4f}")
+            print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {out.loss:.4f}  "
+                  f"val_auc {metrics['auc']:.4f}{chosen}  ({row['epoch_seconds']:.1f}s)",
+                  flush=True)
+
+    def _choose(self, epoch: int, metrics: dict[str, float], val_loss: float) -> None:
+        """Keep `best.pt` when this epoch beats the best so far (from `first_candidate` on)."""
+        if epoch < self.first_candidate:
+            return
+        chosen = metrics[self.selection.metric]
+        score = chosen if not math.isnan(chosen) else -val_loss
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.stale = score, epoch, 0
+            _save_on_main(self.main, _best_checkpoint(
+                self.cfg, self.run_data, self.trainer.scored, self.inputs, epoch, metrics,
+                self.tracker.run_id), self.run_dir / CHECKPOINT_NAME)
+        else:
+            self.stale += 1
+
+    def _check_learning(self, epoch: int) -> None:
+        warning = (learning_warning(self.history, self.cfg.train.learning_check_epoch,
+                                    self.trainer.baseline_loss)
+                   if epoch == self.cfg.train.learning_check_epoch else None)
+        if warning and self.main:
+            self.warnings.append(warning)
+            log.warning("%s", warning)
+
+
+def _finish(cfg: Config, run: RunData, trainer: Trainer, inputs: Inputs, selection: Selection,
+            loop: _EpochLoop, val_loader: DataLoader, device: torch.device,
+            precision: Precision, context: DistContext, run_dir: Path, tracker: Any,
+            progress: bool, source: str | os.PathLike[str]) -> FitResult:
+    """After the epochs: the best checkpoint's calibration, evaluation and verdict, the run
+    folder's files and MLflow's figures; the refit, when asked for."""
+    main = context.is_main
+    barrier(context)  # rank 0 has written best.pt
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    trainer.scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
+    full = evaluate_all(trainer.scored, val_loader, device, trainer.criterion, precision,
+                        context)
+    out = main_output(full, len(run.classes))
+    calibrated = calibrate(out.logits, out.targets, run.positive_index, cfg.calibration)
+    probs = softmax(out.logits, calibrated["temperature"])
+    is_positive = out.targets == run.positive_index
+    metrics = binary_metrics(is_positive, probs[:, run.positive_index], calibrated["threshold"])
+    predicted = predict_classes(probs, run.positive_index, calibrated["threshold"])
+    evaluation, eval_frame = _evaluate_validation(cfg, run, probs[:, run.positive_index],
+                                                  predicted == run.positive_index)
+    validation = validation_verdict(evaluation, cfg.eval)
+    warnings = list(loop.warnings)
+    if validation["verdict"] == FAILED:
+        warnings.append(f"the model did not learn to rank the validation images: "
+                        f"{LEARNING_CAUSES}")
+    final = {**{f"val_{k}": v for k, v in metrics.items()}, "val_loss": out.loss,
+             **{f"val_{k}": v for k, v in evaluation.headline().items()},
+             "select_metric": selection.metric, "selection_rule": selection.note,
+             "best_score": loop.best_score, **calibrated, "best_epoch": loop.best_epoch,
+             "epochs_run": len(loop.history), "n_train": len(run.train_idx),
+             "n_val": len(run.val_idx), "classes": run.classes,
+             "positive_class": cfg.data.positive_class,
+             "val_confusion_matrix": confusion(out.targets, predicted, len(run.classes)).tolist(),
+             **head_summary(full.logits, full.targets, run.heads), "run_id": tracker.run_id,
+             "recipe": {**trainer.recipe.to_json(),
+                        "ema_max_decay": trainer.ema.max_decay if trainer.ema else None},
+             "validation": validation, "learning_warnings": warnings,
+             "shortcut_warnings": evaluation.warnings, "evaluation": evaluation.to_json()}
+    if not main:
+        return FitResult("", run_dir, final, tracker.tracking_uri)
+    if progress:
+        print(evaluation.format(), flush=True)
+    else:
+        for warning in evaluation.warnings:
+            log.warning("%s", warning.removeprefix("WARNING: "))
+    if cfg.train.refit:
+        final["refit"] = _refit(cfg, run, inputs, device, precision, context, run_dir,
+                                loop.best_epoch + 1, tracker.run_id, progress)
+    _write_run_files(cfg, run, inputs, final, evaluation, out, full, probs, calibrated,
+                     run_dir)
+    _log_finish(cfg, run, tracker, final, evaluation, eval_frame, loop.history, out, probs,
+                calibrated, is_positive, checkpoint_path)
+    return FitResult(tracker.run_id or "", run_dir, final, tracker.tracking_uri)
+
+
+def _refit(cfg: Config, run: RunData, inputs: Inputs, device: torch.device,
+           precision: Precision, context: DistContext, run_dir: Path, epochs: int,
+           run_id: str | None, progress: bool) -> dict[str, Any]:
+    """`train.refit`: a fresh model trained on train + validation for `epochs` epochs (the
+    validation run's best epoch count, its schedule compressed to that length) replaces
+    `best.pt`; the validation run's checkpoint is kept as `selection.pt`. Nothing is held out
+    from the refit model: its calibration and verdict are the validation run's (said so in
+    `metrics.json`)."""
+    os.replace(run_dir / CHECKPOINT_NAME, run_dir / SELECTION_NAME)
+    seed_everything(cfg.seed)
+    model, recipe, _ = build_run_model(cfg, run, device, precision)
+    rows = np.sort(np.concatenate([run.train_idx, run.val_idx]))
+    paths = run.paths
+    augment = build_train_transform(inputs.size, inputs.mean, inputs.std,
+                                    cfg.augment if cfg.train.augment else None, seed=cfg.seed)
+    train_set = inputs.dataset([paths[i] for i in rows], run.item_targets[rows], augment)
+    trainer = build_trainer(cfg, model, recipe, train_set, run.targets[rows], len(run.classes),
+                            run.heads, device, context, epochs)
+    log.info("refit: %d epochs on all %d images (train + validation)", epochs, len(rows))
+    losses = [trainer.run_epoch(epoch, device, precision, context, progress)
+              for epoch in range(epochs)]
+    atomic_torch_save(_best_checkpoint(cfg, run, trainer.scored, inputs, epochs - 1, {},
+                                       run_id, refit=True), run_dir / CHECKPOINT_NAME)
+    if progress:
+        print(f"refit: {epochs} epochs on {len(rows)} images, final train_loss {losses[-1]:.4f}",
+              flush=True)
+    return {"epochs": epochs, "n_images": len(rows), "train_loss": losses,
+            "calibration": "temperature and threshold fit on the validation run's held-out "
+            "predictions; the refit model has no held-out images of its own",
+            "validation": "the verdict is the validation run's (selection.pt)"}
+
+
+def _write_run_files(cfg: Config, run: RunData, inputs: Inputs, final: dict[str, Any],
+                     evaluation: Evaluation, out: EvalOutput, full: EvalOutput,
+                     probs: np.ndarray, calibrated: dict[str, float], run_dir: Path) -> None:
+    """metrics.json, subgroup_metrics.csv, quality.json and val_predictions.csv."""
+    paths = run.paths
+    _write_json(final, run_dir / "metrics.json")
+    atomic_write_text(run_dir / "subgroup_metrics.csv", evaluation.table().to_csv(index=False))
+    _write_json(quality_thresholds([paths[i] for i in run.train_idx], out.logits, cfg.seed,
+                                   inputs.max_pixels, inputs.size).to_dict(),
+                run_dir / QUALITY_NAME)
+    predictions = pd.DataFrame({"path": [paths[i] for i in run.val_idx],
+                                "label": [run.classes[t] for t in out.targets]})
+    for i, name in enumerate(run.classes):
+        predictions[f"p_{name}"] = probs[:, i]
+    predictions["label_pred"] = [run.classes[i] for i in predict_classes(
+        probs, run.positive_index, calibrated["threshold"])]
+    predictions = predictions.assign(**head_columns(full.logits, full.targets, run.heads))
+    atomic_write_text(run_dir / "val_predictions.csv", predictions.to_csv(index=False))
+
+
+def _log_finish(cfg: Config, run: RunData, tracker: Any, final: dict[str, Any],
+                evaluation: Evaluation, eval_frame: pd.DataFrame, history: list[dict],
+                out: EvalOutput, probs: np.ndarray, calibrated: dict[str, float],
+                is_positive: np.ndarray, checkpoint_path: Path) -> None:
+    """Final metrics, tags, figures and artifacts to MLflow."""
+    classes, positive_index = run.classes, run.positive_index
+    tracker.log_metrics({f"best_{k}": v for k, v in final.items()
+                         if isinstance(v, int | float) and k != "best_epoch"})
+    tracker.log_metrics({"best_epoch": final["best_epoch"]})
+    tracker.log_metrics({f"val_eval.{k}": v for k, v in evaluation.flat_metrics().items()})
+    tracker.set_tags({"validation.verdict": final["validation"]["verdict"]})
+    if evaluation.warnings:
+        tracker.set_tags({"eval.shortcut_warning": ",".join(
+            s.column for s in evaluation.shortcuts if s.warning)})
+    matrix = np.array(final["val_confusion_matrix"])
+    tracker.log_figure(confusion_matrix_figure(matrix, classes), "plots/confusion_matrix.png")
+    for name, result in final.get("val_heads", {}).items():
+        tracker.log_figure(confusion_matrix_figure(
+            np.array(result["confusion_matrix"]), result["classes"],
+            f"{name} (n={result['n']} assessable)"), f"plots/confusion_matrix_{name}.png")
+    negative = classes[1 - positive_index] if len(classes) == 2 else "other"
+    for name, figure in evaluation_figures(eval_frame, evaluation, negative,
+                                           calibrated["threshold"]).items():
+        tracker.log_figure(figure, f"plots/{name}")
+    tracker.log_figure(training_curves_figure(history), "plots/training_curves.png")
+    tracker.log_figure(reliability_figure(
+        is_positive, softmax(out.logits)[:, positive_index], probs[:, positive_index],
+        calibrated["temperature"]), "plots/reliability_diagram.png")
+    for name in ("metrics.json", "history.csv", "subgroup_metrics.csv"):
+        tracker.log_artifact(checkpoint_path.parent / name)
+    if cfg.tracking.log_checkpoint:
+        tracker.log_artifact(checkpoint_path, "checkpoint")
+
+
+def print_verdict(metrics: dict[str, Any]) -> None:
+    """The verdict line `train` ends with (and the learning warnings before it)."""
+    for warning in metrics.get("learning_warnings") or []:
+        print(f"  WARNING: {warning}")
+    if metrics.get("validation"):
+        print(verdict_line(metrics["validation"]))
