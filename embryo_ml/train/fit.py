@@ -314,11 +314,11 @@ def _best_checkpoint(cfg: Config, run: RunData, scored: nn.Module, inputs: Input
 
 def learning_warning(history: list[dict[str, Any]], check_epoch: int,
                      baseline_loss: float) -> str | None:
-    """A plain warning when the training loss at `check_epoch` is still at the loss of a
-    constant prediction (within 3%): the model is not learning from the images."""
+    """A plain warning when the lowest training loss up to `check_epoch` is still at the loss
+    of a constant prediction (within 3%): the model is not learning from the images."""
     if not check_epoch or len(history) <= check_epoch:
         return None
-    loss = history[check_epoch]["train_loss"]
+    loss = min(row["train_loss"] for row in history[:check_epoch + 1])
     if loss < 0.97 * baseline_loss:
         return None
     return (f"the training loss has not fallen after {check_epoch + 1} epochs ({loss:.4f}; "
@@ -386,17 +386,17 @@ def _fit(
     main = context.is_main  # the one process that writes files and talks to MLflow
     selection: Selection = resolve_selection(
         cfg, run.table.iloc[run.val_idx], run.targets[run.val_idx] == run.positive_index)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        _write_json({"data": str(Path(source).resolve())}, run_dir / "run.json")
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if device.type == "cuda" and context.enabled:
         device = torch.device("cuda", context.local_rank)
     precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device)
-    model, recipe, inputs = build_run_model(cfg, run, device, precision)
+    model, recipe, inputs = build_run_model(cfg, run, device, precision)  # may refuse offline
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _write_json({"data": str(Path(source).resolve())}, run_dir / "run.json")
     paths = run.paths
     augment = build_train_transform(inputs.size, inputs.mean, inputs.std,
                                     cfg.augment if cfg.train.augment else None,
@@ -450,6 +450,7 @@ class _EpochLoop:
         self.history: list[dict[str, Any]] = []
         self.best_score, self.best_epoch, self.stale = -math.inf, -1, 0
         self.warnings: list[str] = []
+        self.best_output: EvalOutput | None = None  # the best epoch's validation logits
         # No epoch of the learning-rate warm-up can be "best": it has not trained at its rate.
         self.first_candidate = min(cfg.train.warmup_epochs, cfg.train.epochs - 1)
 
@@ -500,7 +501,7 @@ class _EpochLoop:
         if self.main:
             atomic_write_text(self.run_dir / "history.csv",
                               pd.DataFrame(self.history).to_csv(index=False))
-        self._choose(epoch, metrics, out.loss)
+        self._choose(epoch, metrics, out.loss, full)
         self._check_learning(epoch)
         _save_on_main(self.main, {
             **trainer.state(), "epoch": epoch, "history": self.history,
@@ -515,14 +516,17 @@ class _EpochLoop:
                   f"val_auc {metrics['auc']:.4f}{chosen}  ({row['epoch_seconds']:.1f}s)",
                   flush=True)
 
-    def _choose(self, epoch: int, metrics: dict[str, float], val_loss: float) -> None:
-        """Keep `best.pt` when this epoch beats the best so far (from `first_candidate` on)."""
+    def _choose(self, epoch: int, metrics: dict[str, float], val_loss: float,
+                full: EvalOutput) -> None:
+        """Keep `best.pt` (and its validation logits) when this epoch beats the best so far,
+        from `first_candidate` on."""
         if epoch < self.first_candidate:
             return
         chosen = metrics[self.selection.metric]
         score = chosen if not math.isnan(chosen) else -val_loss
         if score > self.best_score:
             self.best_score, self.best_epoch, self.stale = score, epoch, 0
+            self.best_output = full
             _save_on_main(self.main, _best_checkpoint(
                 self.cfg, self.run_data, self.trainer.scored, self.inputs, epoch, metrics,
                 self.tracker.run_id), self.run_dir / CHECKPOINT_NAME)
@@ -548,8 +552,10 @@ def _finish(cfg: Config, run: RunData, trainer: Trainer, inputs: Inputs, selecti
     barrier(context)  # rank 0 has written best.pt
     checkpoint_path = run_dir / CHECKPOINT_NAME
     trainer.scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-    full = evaluate_all(trainer.scored, val_loader, device, trainer.criterion, precision,
-                        context)
+    full = loop.best_output  # evaluation is deterministic: the same logits as re-evaluating
+    if full is None:  # the best epoch was before a resume
+        full = evaluate_all(trainer.scored, val_loader, device, trainer.criterion, precision,
+                            context)
     out = main_output(full, len(run.classes))
     calibrated = calibrate(out.logits, out.targets, run.positive_index, cfg.calibration)
     probs = softmax(out.logits, calibrated["temperature"])
