@@ -124,6 +124,9 @@ class TrainConfig(_Section):
     select_subgroup: str = Field(
         "day", min_length=1, description="the column of select_metric=mean_subgroup_auc"
     )
+    select_within_se: bool = Field(
+        True, description="keep the latest epoch within one standard error of the best "
+        "validation score (the one-standard-error rule); false = the maximum")
     learning_check_epoch: int = Field(
         2, ge=0, description="after this epoch (0-based), warn when the training loss has not "
         "fallen below the loss of a constant prediction; 0 = no check")

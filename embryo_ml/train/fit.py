@@ -48,7 +48,7 @@ from embryo_ml.data.transforms import build_eval_transform, build_train_transfor
 from embryo_ml.errors import ConfigError
 from embryo_ml.evaluation.gate import FAILED, validation_verdict, verdict_line
 from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
-from embryo_ml.evaluation.selection import Selection, resolve_selection
+from embryo_ml.evaluation.selection import Selection, keep_epoch, resolve_selection
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.models import build_model_with_source, model_normalization
 from embryo_ml.report.plots import (
@@ -428,7 +428,10 @@ def _fit(
             if trainer.ema is not None:
                 log.info("EMA of the weights: decay warmed up from 0.1, at most %.4f (%d steps)",
                          trainer.ema.max_decay, cfg.train.epochs * len(trainer.loader))
-            log.info("best checkpoint by %s (%s)", selection.metric, selection.note)
+            log.info("best checkpoint by %s (%s)%s", selection.metric, selection.note,
+                     f"; keeps the latest epoch within one standard error of the best (about "
+                     f"{selection.standard_error(0.75):.3f} at 0.75 on {selection.n_positive}+"
+                     f"{selection.n_negative} images)" if cfg.train.select_within_se else "")
         loop = _EpochLoop(cfg, run, trainer, inputs, selection, val_loader, device, precision,
                           context, run_dir, main, progress, tracker, augment)
         loop.run(state)
@@ -448,7 +451,10 @@ class _EpochLoop:
         self.precision, self.context, self.run_dir, self.main = precision, context, run_dir, main
         self.progress, self.tracker, self.augment = progress, tracker, augment
         self.history: list[dict[str, Any]] = []
+        # best_score: the highest score so far (early stopping counts epochs without a new
+        # one); best_epoch / chosen_score: the epoch kept in best.pt (see `_choose`)
         self.best_score, self.best_epoch, self.stale = -math.inf, -1, 0
+        self.chosen_score = -math.inf
         self.warnings: list[str] = []
         self.best_output: EvalOutput | None = None  # the best epoch's validation logits
         # No epoch of the learning-rate warm-up can be "best": it has not trained at its rate.
@@ -472,6 +478,7 @@ class _EpochLoop:
         self.history = list(state["history"])
         self.best_epoch, self.stale = state["best_epoch"], state["stale"]
         self.best_score = state["best_score"]
+        self.chosen_score = state.get("chosen_score", self.best_score)
         restore_rng_state(state["rng"], self.trainer.generator, self.augment)
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
@@ -506,6 +513,7 @@ class _EpochLoop:
         _save_on_main(self.main, {
             **trainer.state(), "epoch": epoch, "history": self.history,
             "best_score": self.best_score, "best_epoch": self.best_epoch, "stale": self.stale,
+            "chosen_score": self.chosen_score,
             "run_id": self.tracker.run_id, "rng": rng_state(trainer.generator, self.augment),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
         }, self.run_dir / LAST_NAME)
@@ -518,20 +526,27 @@ class _EpochLoop:
 
     def _choose(self, epoch: int, metrics: dict[str, float], val_loss: float,
                 full: EvalOutput) -> None:
-        """Keep `best.pt` (and its validation logits) when this epoch beats the best so far,
-        from `first_candidate` on."""
+        """Keep `best.pt` (and its validation logits) for this epoch when it is the best so far
+        or, with `train.select_within_se`, within one standard error of the best (a later
+        epoch is preferred: see `embryo_ml.evaluation.selection`). Epochs before
+        `first_candidate` are never kept."""
         if epoch < self.first_candidate:
             return
         chosen = metrics[self.selection.metric]
         score = chosen if not math.isnan(chosen) else -val_loss
-        if score > self.best_score:
-            self.best_score, self.best_epoch, self.stale = score, epoch, 0
-            self.best_output = full
+        best = max(self.best_score, score)
+        tolerance = (self.selection.standard_error(best)
+                     if self.cfg.train.select_within_se and not math.isnan(chosen) else 0.0)
+        improved, keep = keep_epoch(score, self.best_score, tolerance)
+        if improved:
+            self.best_score, self.stale = score, 0
+        else:
+            self.stale += 1
+        if keep:
+            self.best_epoch, self.chosen_score, self.best_output = epoch, score, full
             _save_on_main(self.main, _best_checkpoint(
                 self.cfg, self.run_data, self.trainer.scored, self.inputs, epoch, metrics,
                 self.tracker.run_id), self.run_dir / CHECKPOINT_NAME)
-        else:
-            self.stale += 1
 
     def _check_learning(self, epoch: int) -> None:
         warning = (learning_warning(self.history, self.cfg.train.learning_check_epoch,
@@ -572,7 +587,9 @@ def _finish(cfg: Config, run: RunData, trainer: Trainer, inputs: Inputs, selecti
     final = {**{f"val_{k}": v for k, v in metrics.items()}, "val_loss": out.loss,
              **{f"val_{k}": v for k, v in evaluation.headline().items()},
              "select_metric": selection.metric, "selection_rule": selection.note,
-             "best_score": loop.best_score, **calibrated, "best_epoch": loop.best_epoch,
+             "best_score": loop.best_score, "chosen_score": loop.chosen_score,
+             "select_within_se": cfg.train.select_within_se,
+             **calibrated, "best_epoch": loop.best_epoch,
              "epochs_run": len(loop.history), "n_train": len(run.train_idx),
              "n_val": len(run.val_idx), "classes": run.classes,
              "positive_class": cfg.data.positive_class,

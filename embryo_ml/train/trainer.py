@@ -88,6 +88,16 @@ def constant_prediction_loss(criterion: nn.Module, item_targets: np.ndarray, wid
         return min(float(criterion(uniform, targets)), float(criterion(with_prior, targets)))
 
 
+def adamw(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for these parameters: on CPU the
+    default per-tensor loop cost 0.07-0.8 s a step for resnet18 (2 cores), fused 0.02-0.04 s,
+    the same update."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
 @dataclass
 class Trainer:
     model: nn.Module  # the unwrapped model (what the optimizer updates)
@@ -156,7 +166,7 @@ def build_trainer(
     if heads:
         criterion = MultiHeadLoss(criterion, n_classes, heads, cfg.loss.grade_weight)
     groups, backbone = parameter_groups(model, recipe)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    optimizer = adamw(groups, cfg.train.weight_decay)
     total_steps = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         total_steps, cfg.train.warmup_epochs * len(loader)))
