@@ -11,8 +11,12 @@ duplicates under different names: every duplicate group (found by `embryo_ml.dat
 Each fold's held-out images are scored by each recipe's model, trained on the other folds:
 - `old`: `configs/default.yaml` from scratch as it behaved before the recipe fix
   (`train.adapt_to_weights=false`: frozen random backbone for one epoch, backbone lr 1e-4;
-  `train.ema_warmup=false`: a fixed EMA decay of 0.998).
-- `default`: `configs/default.yaml` from scratch today (the from-scratch rules and EMA warm-up).
+  `train.ema_warmup=false`: a fixed EMA decay of 0.998; `train.select_within_se=false`: the
+  best epoch by maximum; zoom, shift and photometric augmentation). The selection metric is
+  today's (pair-weighted) and warm-up epochs are never chosen.
+- `rules+photometric`: today's rules with the old photometric augmentation.
+- `default`: `configs/default.yaml` from scratch today (rules, EMA warm-up, one-SE choice,
+  geometric augmentation only).
 - `refit`: the same plus `train.refit=true` (retrained on all training-fold images).
 - `plain`: a plain timm + torchvision loop written here (AdamW 1e-3, cosine, flips + any-angle
   rotation, cross-entropy, all training-fold images, last epoch), the loop a tutorial writes.
@@ -43,10 +47,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "stage-grade" / "data"
 STAGE_DAY = {"8C": 3, "Mo": 4, "BL": 5}
+# default.yaml's augmentation before it became geometric only
+PHOTOMETRIC = ["augment.brightness=0.15", "augment.contrast=0.15", "augment.gamma=0.15",
+               "augment.blur_p=0.15", "augment.noise_p=0.15", "augment.scale=0.1",
+               "augment.shift=0.05"]
 RECIPES = {
-    "old": ["train.adapt_to_weights=false", "train.ema_warmup=false"],
+    "old": ["train.adapt_to_weights=false", "train.ema_warmup=false",
+            "train.select_within_se=false", *PHOTOMETRIC],
+    "rules+photometric": PHOTOMETRIC,  # the recipe rules, with the old augmentation
     "default": [],
     "refit": ["train.refit=true"],
+    "unregularised": ["loss.label_smoothing=0", "model.drop_rate=0"],
 }
 
 

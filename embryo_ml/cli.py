@@ -49,7 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise EmbryoMLError("under torchrun, pass --out RUN_DIR (every process must write "
                                 "to the same run folder)")
         run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    from embryo_ml.train.fit import fit
+    from embryo_ml.train.fit import fit, print_verdict
 
     result = fit(cfg, data, run_dir, progress=not args.quiet, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) != 0:
@@ -63,7 +63,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("  " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
                                for k, v in within.items()))
     for warning in metrics.get("shortcut_warnings") or []:
-        print(f"  WARNING: {warning}")
+        print(f"  WARNING: {warning.removeprefix('WARNING: ')}")
+    print_verdict(metrics)
     print(f"run folder: {result.run_dir}")
     print(f"MLflow run id: {result.run_id}")
     if args.register:
@@ -71,13 +72,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(text: str | None) -> None:
+    """One `warning:` line on stderr, the counterpart of the `error:` lines of `main`."""
+    if text:
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def _warn_about_bundle(folder: Path) -> None:
+    """Warn once when the bundle's model did not pass its validation check."""
+    from embryo_ml.export.bundle import read_bundle, validation_warning
+
+    _warn(validation_warning(read_bundle(folder, verify=False)))  # verified by the command
+
+
 def _register_trained(run_dir: Path, run_id: str, tracking_uri: str, name: str) -> None:
     """`train --register`: what gets registered is always the scorable model, so the run's
-    best checkpoint is exported (RUN/bundle, parity-checked) and logged as the pyfunc model."""
+    best checkpoint is exported (RUN/bundle, parity-checked) and logged as the pyfunc model.
+    A run that failed its validation check is refused first; its folder stays as it is."""
+    from embryo_ml.export.gate import check_registrable, export_warning, run_validation
+
+    validation = run_validation(run_dir)
+    check_registrable(validation, run_dir)
     from embryo_ml.export.onnx_export import export_bundle
     from embryo_ml.export.pyfunc import log_bundle_model
 
     bundle = export_bundle(run_dir, run_dir / "bundle")
+    _warn(export_warning(validation, run_dir))
     logged = log_bundle_model(bundle.path, run_id=run_id, registered_name=name,
                               tracking_uri=tracking_uri)
     print(f"bundle: {bundle.path}")
@@ -132,6 +152,17 @@ def _cmd_augment_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from embryo_ml.export.gate import (
+        check_exportable,
+        check_registrable,
+        export_warning,
+        run_validation,
+    )
+
+    validation = run_validation(args.run_dir)  # the quality gate first: before any other work
+    if args.register is not None:
+        check_registrable(validation, args.run_dir)
+    check_exportable(validation, args.run_dir, args.allow_failed_validation)
     log_model = args.log_model or args.register is not None
     uri = None
     if log_model:
@@ -147,7 +178,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         check_reachable(uri)  # before the export, not after it
     from embryo_ml.export.onnx_export import export_bundle
 
-    bundle = export_bundle(args.run_dir, args.out, int8=not args.no_int8)
+    bundle = export_bundle(args.run_dir, args.out, int8=not args.no_int8,
+                           allow_failed_validation=args.allow_failed_validation)
+    _warn(export_warning(validation, args.run_dir))
     print(f"wrote bundle {bundle.path} ({bundle.architecture}, {bundle.input_size}px, "
           f"sha256 {bundle.sha256[:12]}..., ONNX/PyTorch max diff "
           f"{bundle.val_metrics['parity_max_abs_diff']:.1e})")
@@ -194,6 +227,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             print(f"  {path}: {status}")
         if summary.n_failed > 10:
             print(f"  ... and {summary.n_failed - 10} more")
+    _warn(summary.validation_warning)  # beside the results it qualifies
     if args.report is not None:
         _write_report(args, summary.out, args.images)
     return 0
@@ -210,6 +244,7 @@ def _write_report(args: argparse.Namespace, scores: Path, images: Path | None) -
 
 def _cmd_report(args: argparse.Namespace) -> int:
     _write_report(args, args.scores, args.images)
+    _warn_about_bundle(args.bundle)  # after the work: an error stays the only line
     return 0
 
 
@@ -375,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-int8", action="store_true",
                    help="do not build the int8 model (by default it is built and kept when it "
                    "agrees with fp32 within 0.02 on the validation images)")
+    p.add_argument("--allow-failed-validation", action="store_true",
+                   help="export a run that failed its validation check, for inspection only: "
+                   "bundle.json records it, score and the report warn on every use, and it "
+                   "can never be registered")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("score", help="score a folder (recursive) or a manifest CSV of images")

@@ -35,3 +35,8 @@ class BundleError(EmbryoMLError):
 
 class TrackingError(EmbryoMLError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+class ValidationFailedError(EmbryoMLError):
+    """A training run failed its model-quality gate (`metrics.json` `validation`), so it is not
+    exported (without an explicit override) and never registered."""

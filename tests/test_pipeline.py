@@ -15,7 +15,7 @@ from embryo_ml.cli import main
 from embryo_ml.errors import BundleError
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.score.scorer import score_images
-from tests.conftest import TINY_MODEL
+from tests.conftest import GATE_UNDECIDED, TINY_MODEL
 
 
 def test_training_run_is_tracked_in_mlflow(trained_run: dict) -> None:
@@ -205,7 +205,8 @@ def test_cli_train_export_score_round_trip(
     run = tmp_path / "run"
     assert main(["-q", "train", "--data", str(synth_data), "--out", str(run),
                  "--set", f"model.name={TINY_MODEL}", "--set", "data.image_size=32",
-                 "--set", "train.epochs=1", "--set", f"tracking.tracking_uri={uri}"]) == 0
+                 "--set", "train.epochs=1", "--set", f"tracking.tracking_uri={uri}",
+                 "--set", f"eval.gate_min_per_class={GATE_UNDECIDED}"]) == 0
     printed = capsys.readouterr().out
     run_id = (run / "run_id.txt").read_text()
     assert f"MLflow run id: {run_id}" in printed

@@ -8,6 +8,12 @@ scoring, kept only when it agreed with `model.onnx` on the run's validation imag
 `embryo_ml.export.quantize`); its hash and that measured agreement are under `int8`.
 `read_bundle` refuses a bundle whose hash or schema version does not match: a scoring model that
 was swapped or corrupted must never score patients silently.
+
+`validation` is the training run's model-quality gate (`metrics.json` `validation`: a verdict
+`passed`, `failed` or `inconclusive`, a reason a person reads, and the checks behind it), copied
+at export so the verdict travels with the model to every place that scores with it. None = a
+bundle exported from a run trained before the gate. A failed model is exported only on request
+and then carries `"exported_despite_failure": true`; scoring and the report warn about it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from embryo_ml.fileio import atomic_write_text
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.onnx"
+VERDICTS = ("passed", "failed", "inconclusive")
+_PASSED_FOR = {"passed": True, "failed": False, "inconclusive": None}  # verdict -> `passed`
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,10 @@ class Bundle:
     # "calibration_images", "parity_images", "max_abs_diff", "mean_abs_diff",
     # "label_agreement", "tolerance"}. None = fp32 only.
     int8: dict[str, Any] | None = None
+    # The run's quality gate: {"verdict", "passed", "reason", "checks": [{"name", "value", "ci",
+    # "passed"}, ...]} and, for a failed model exported on request, "exported_despite_failure".
+    # None = exported from a run trained before the gate (older bundles have no such field).
+    validation: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE
@@ -83,6 +95,11 @@ class Bundle:
     @property
     def positive_index(self) -> int:
         return self.classes.index(self.positive_class)
+
+    @property
+    def verdict(self) -> str | None:
+        """The quality gate's verdict, or None for a bundle from before the gate."""
+        return None if self.validation is None else str(self.validation["verdict"])
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -133,9 +150,77 @@ def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
         raise BundleError(f"{meta_path}: incomplete bundle ({error})") from None
     if bundle.positive_class not in bundle.classes:
         raise BundleError(f"{meta_path}: positive_class {bundle.positive_class!r} not in classes")
+    if bundle.validation is not None:
+        problem = validation_problem(bundle.validation)
+        if problem:
+            raise BundleError(f"{meta_path}: 'validation' {problem}")
     if verify:
         verify_model_hash(bundle)
     return bundle
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_problem(check: object) -> str | None:
+    if not isinstance(check, dict) or not isinstance(check.get("name"), str):
+        return f"needs objects with a 'name', got {check!r}"
+    name = check["name"]
+    if "value" in check and check["value"] is not None and not _is_number(check["value"]):
+        return f"check {name!r}: 'value' must be a number, got {check['value']!r}"
+    ci = check.get("ci")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2
+                               and all(v is None or _is_number(v) for v in ci)):
+        return f"check {name!r}: 'ci' must be [low, high], got {ci!r}"
+    if check.get("passed") not in (True, False, None):
+        return f"check {name!r}: 'passed' must be true, false or null, got {check['passed']!r}"
+    return None
+
+
+def validation_problem(record: object) -> str | None:
+    """What is wrong with a quality-gate record, or None when it is well-formed.
+
+    One judge for both sides: the exporter checks the run's `metrics.json` record with it and
+    `read_bundle` the copy in `bundle.json`, so a record no reader accepts is never written."""
+    if not isinstance(record, dict):
+        return f"must be an object, got {type(record).__name__}"
+    verdict = record.get("verdict")
+    if verdict not in VERDICTS:
+        return f"verdict must be one of {', '.join(VERDICTS)}; got {verdict!r}"
+    if "passed" not in record or record["passed"] is not _PASSED_FOR[verdict]:
+        return (f"'passed' must be {json.dumps(_PASSED_FOR[verdict])} for verdict {verdict!r}, "
+                f"got {record.get('passed')!r}")
+    if not isinstance(record.get("reason"), str):
+        return f"needs a 'reason' (text), got {record.get('reason')!r}"
+    checks = record.get("checks", [])
+    if not isinstance(checks, list):
+        return f"'checks' must be a list, got {type(checks).__name__}"
+    for check in checks:
+        problem = _check_problem(check)
+        if problem:
+            return f"'checks' {problem}"
+    if record.get("exported_despite_failure", False) not in (True, False):
+        return "'exported_despite_failure' must be true or false"
+    return None
+
+
+def reason_text(record: dict[str, Any]) -> str:
+    """The record's reason as a clause to embed in a sentence (no final full stop)."""
+    return str(record.get("reason") or "").strip().rstrip(".") or "no reason recorded"
+
+
+def validation_warning(bundle: Bundle) -> str | None:
+    """The one warning (without the `warning: ` prefix) for scoring with a model that did not
+    pass its quality gate; None when it passed or the bundle predates the gate."""
+    if bundle.validation is None or bundle.verdict == "passed":
+        return None
+    reason = reason_text(bundle.validation)
+    if bundle.verdict == "failed":
+        return (f"this model FAILED its validation check ({reason}); its scores are not "
+                "trustworthy")
+    return (f"this model's validation check was inconclusive ({reason}); treat its scores "
+            "with caution")
 
 
 def verify_model_hash(bundle: Bundle) -> None:

@@ -46,6 +46,7 @@ from embryo_ml.export.bundle import (
     read_bundle,
     write_bundle_json,
 )
+from embryo_ml.export.gate import bundle_validation, check_exportable, run_validation
 from embryo_ml.export.quantize import build_int8
 from embryo_ml.models import build_model
 from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
@@ -271,15 +272,20 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True) -> Bundle:
+def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *,
+                  allow_failed_validation: bool = False) -> Bundle:
     """Write `out_dir/model.onnx` + `bundle.json` from `run_dir/best.pt`; return the bundle.
 
     `int8`: also build `model.int8.onnx` for fast CPU scoring, kept only if it agrees with the
-    fp32 model on the run's validation images (`embryo_ml.export.quantize`)."""
+    fp32 model on the run's validation images (`embryo_ml.export.quantize`).
+    A run whose quality gate failed raises `ValidationFailedError` before any work (and before
+    `out_dir` is touched) unless `allow_failed_validation`; see `embryo_ml.export.gate`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if not checkpoint_path.is_file():
         raise DataError(f"{run_dir}: no {CHECKPOINT_NAME}; is this a training run folder?")
+    validation = run_validation(run_dir)
+    check_exportable(validation, run_dir, allow_failed_validation)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).exists():
         raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new folder")
     model, checkpoint = load_run_model(run_dir)
@@ -322,6 +328,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True) -
             | parity | {"best_epoch": checkpoint["epoch"]},
             quality=quality, heads=heads or None, versions=package_versions(),
             cam_output=CAM_OUTPUT if cam_difference is not None else None, int8=int8_entry,
+            validation=bundle_validation(validation),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         write_bundle_json(bundle, staging)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,8 +39,11 @@ from mlflow.types import ColSpec, Schema
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS
 from embryo_ml.errors import DataError, TrackingError
-from embryo_ml.export.bundle import Bundle, read_bundle
+from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
+from embryo_ml.export.gate import check_registrable
 from embryo_ml.score.scorer import Loaded, OnnxScorer, ScoreItem, batch_rows, load_item
+
+log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "scoring_model"  # the logged model's name inside its run
@@ -145,6 +149,9 @@ class BundleModel(PythonModel):
     def load_context(self, context: Any) -> None:
         config = dict(getattr(context, "model_config", None) or {})
         self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT])  # verifies the hash
+        warning = validation_warning(self.bundle)
+        if warning:  # a failed model can be logged (never registered) for inspection
+            log.warning("%s", warning)
         self.batch_size = int(config.get("batch_size", 32))
         self.workers = int(config.get("workers", 4))
         self.scorer = OnnxScorer(self.bundle, config.get("threads"),
@@ -212,12 +219,15 @@ def log_bundle_model(
     """Log the bundle as a pyfunc model; register it (and point `alias` at it) if asked.
 
     The model goes into `run_id`, else the bundle's training run when that run is in the store,
-    else a new run in experiment `embryo-ml`. Raises `BundleError` for a bad bundle and
-    `TrackingError` when the store cannot be used.
+    else a new run in experiment `embryo-ml`. Raises `BundleError` for a bad bundle,
+    `ValidationFailedError` before anything is logged when asked to register a bundle whose
+    model failed its validation check, and `TrackingError` when the store cannot be used.
     """
     from embryo_ml.train import tracking  # not needed where the model is served
 
     bundle = read_bundle(bundle_dir)  # verified before anything is logged
+    if registered_name is not None:  # also refused by the CLI; here for every other caller
+        check_registrable(bundle.validation, f"bundle {bundle.path}")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
     target = run_id or bundle.run_id

@@ -7,6 +7,9 @@ a small inline script for sorting and filtering. No network, no CDN, no server.
 
 What it shows, top to bottom:
 
+- for a model that did not pass its validation check (`Bundle.validation`), a banner above
+  everything else: red for `failed` (do not use these scores to choose embryos), amber for
+  `inconclusive`; none for `passed` or a bundle from before the check;
 - a summary: image, patient and embryo counts, how many images are flagged and why (in plain
   words), the model (architecture, bundle folder, run id, model hash, embryo-ml version,
   creation date), its validation metrics, its intended use, and the note that it supports and
@@ -61,13 +64,13 @@ import numpy as np
 
 from embryo_ml.data.images import read_image
 from embryo_ml.errors import DataError, ImageReadError
-from embryo_ml.export.bundle import Bundle, read_bundle
+from embryo_ml.export.bundle import Bundle, read_bundle, reason_text
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.score.quality import FLAG_NAMES
 from embryo_ml.score.writers import embryos_path, iter_file_rows, output_format
 
 __all__ = ["DEFAULT_MAX_THUMBNAILS", "FLAG_TEXT", "INTENDED_USE", "JUDGEMENT_NOTE",
-           "flag_text", "write_report"]
+           "VALIDATION_BANNER", "flag_text", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,15 @@ FLAG_TEXT = {
 }
 JUDGEMENT_NOTE = ("This report supports, and does not replace, the embryologist's judgement. "
                   "Every decision stays with the embryologist.")
+# What a reader must know first when the model did not pass its validation check ({reason}:
+# the check's own sentence). No banner for "passed" or for bundles from before the check.
+VALIDATION_BANNER = {
+    "failed": "This model did not pass its validation check: {reason}. Do not use these scores "
+              "to choose embryos.",
+    "inconclusive": "This model's validation check was inconclusive: {reason}. Use these scores "
+                    "with extra caution, and check every embryo yourself before relying on "
+                    "them.",
+}
 INTENDED_USE = (
     "To help an embryologist review and order the embryos of one patient's cohort from still "
     "images. The score is the model's calibrated probability that an image shows an embryo of "
@@ -378,6 +390,11 @@ h3 { font-size: 15px; margin: 16px 0 4px; }
 .meta { color: var(--muted); margin: 0 0 12px; }
 .judgement { border-left: 5px solid #b3261e; background: #fdecea; padding: 10px 14px;
   font-size: 15px; }
+.validation-banner { margin: 8px 0 12px; padding: 12px 16px; font-size: 16px;
+  border-radius: 3px; print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+.validation-banner.failed { background: #b3261e; color: #fff; }
+.validation-banner.inconclusive { background: var(--flagbg); color: var(--flag);
+  border: 2px solid #e08a00; }
 .summary-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr));
   gap: 8px 32px; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0; }
@@ -566,6 +583,24 @@ def _facts(items: list[tuple[str, object]]) -> str:
     return f'<dl class="facts">{body}</dl>'
 
 
+def _validation_banner(bundle: Bundle) -> str:
+    """The banner above everything for a model that failed (red) or whose check was
+    inconclusive (amber); "" otherwise."""
+    text = VALIDATION_BANNER.get(bundle.verdict or "")
+    if text is None or bundle.validation is None:
+        return ""
+    verdict = _e(bundle.verdict)
+    return (f'<div class="validation-banner {verdict}" id="validation-banner" role="alert" '
+            f'data-verdict="{verdict}"><strong>'
+            f"{_e(text.format(reason=reason_text(bundle.validation)))}</strong></div>")
+
+
+def _validation_fact(bundle: Bundle) -> str:
+    if bundle.validation is None:
+        return "not recorded (model exported before validation checks existed)"
+    return f"{bundle.verdict}: {reason_text(bundle.validation)}"
+
+
 def _summary(rows: list[_Row], cohorts: list[tuple[str, list[_Row]]], bundle: Bundle,
              scores: Path, root: Path, notes: list[str]) -> str:
     n = len(rows)
@@ -613,6 +648,7 @@ def _summary(rows: list[_Row], cohorts: list[tuple[str, list[_Row]]], bundle: Bu
         ("Score", f"calibrated probability of “{bundle.positive_class}” "
                   f"(temperature {bundle.temperature:.3g}), shown 1-10 as ceil(10 × p)"),
         ("Decision threshold", f"{bundle.threshold:.3f}"),
+        ("Validation check", _validation_fact(bundle)),
     ]
     if bundle.heads:
         model.append(("Extra heads", ", ".join(bundle.heads)))
@@ -819,6 +855,7 @@ def write_report(
 <style>{_STYLE}</style>
 </head>
 <body>
+{_validation_banner(bundle)}
 <header>
 <h1>Embryo scoring report</h1>
 <p class="meta">Created {_e(created)} from {_e(scores.name)} with model

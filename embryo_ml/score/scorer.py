@@ -64,7 +64,7 @@ from embryo_ml.data.images import DEFAULT_MAX_PIXELS
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import RESIZE_POLICY, preprocess, read_for_model
 from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
-from embryo_ml.export.bundle import Bundle, read_bundle
+from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.numeric import softmax
 from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts, display_score
@@ -107,6 +107,8 @@ class ScoreSummary:
     embryos_out: Path | None = None
     n_embryos: int = 0
     precision: str = "fp32"  # the model that scored: "fp32" or "int8"
+    # Set when the model did not pass its validation check (`validation_warning`): say it.
+    validation_warning: str | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -480,7 +482,8 @@ def score_images(
     scorer = OnnxScorer(bundle, threads, max_pixels, tta=tta, precision=precision)
     columns = score_columns(bundle.classes, bundle.heads)
     cohorts = Cohorts(bundle.classes, bundle.positive_class, bundle.threshold, aggregate)
-    summary = ScoreSummary(out, precision=scorer.precision)
+    summary = ScoreSummary(out, precision=scorer.precision,
+                           validation_warning=validation_warning(bundle))
     log = partial_path(out) if fmt == "parquet" else out
     started = time.perf_counter()
     settings = _settings(bundle, scorer, embryo_pattern)
@@ -559,11 +562,13 @@ def score_images(
 
 def _settings(bundle: Bundle, scorer: OnnxScorer, embryo_pattern: str | None) -> dict[str, Any]:
     """What decides the numbers in a scores file: model file, test-time augmentation and how
-    embryos are named. Written beside it (`settings_path`), checked by `--resume`."""
+    embryos are named, and whether the model passed its validation check. Written beside it
+    (`settings_path`); `--resume` checks the first three."""
     int8 = scorer.precision == "int8" and bundle.int8 is not None
     model_sha = bundle.int8["sha256"] if int8 else bundle.sha256  # type: ignore[index]
     return {"bundle_sha256": bundle.sha256, "model": scorer.precision, "model_sha256": model_sha,
-            "tta": scorer.tta, "embryo_pattern": embryo_pattern, "bundle": str(bundle.path)}
+            "tta": scorer.tta, "embryo_pattern": embryo_pattern, "bundle": str(bundle.path),
+            "validation": bundle.verdict}  # the model's quality gate; None = before the gate
 
 
 def _check_resumable(out: Path, settings: dict[str, Any]) -> None:

@@ -51,11 +51,6 @@ from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evalua
 from embryo_ml.evaluation.selection import Selection, keep_epoch, resolve_selection
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.models import build_model_with_source, model_normalization
-from embryo_ml.report.plots import (
-    confusion_matrix_figure,
-    reliability_figure,
-    training_curves_figure,
-)
 from embryo_ml.score.quality import QualityThresholds, fit_thresholds
 from embryo_ml.train.calibration import (
     brier_score,
@@ -321,8 +316,10 @@ def learning_warning(history: list[dict[str, Any]], check_epoch: int,
     loss = min(row["train_loss"] for row in history[:check_epoch + 1])
     if loss < 0.97 * baseline_loss:
         return None
-    return (f"the training loss has not fallen after {check_epoch + 1} epochs ({loss:.4f}; "
-            f"a constant prediction scores {baseline_loss:.4f}): {LEARNING_CAUSES}")
+    return (f"the training loss is still at the level of a constant prediction after "
+            f"{check_epoch + 1} epochs (lowest {loss:.4f}; a constant prediction scores "
+            f"{baseline_loss:.4f}): the model may not be learning from the images; "
+            f"{LEARNING_CAUSES}")
 
 
 def fit(
@@ -567,8 +564,11 @@ def _finish(cfg: Config, run: RunData, trainer: Trainer, inputs: Inputs, selecti
     barrier(context)  # rank 0 has written best.pt
     checkpoint_path = run_dir / CHECKPOINT_NAME
     trainer.scored.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-    full = loop.best_output  # evaluation is deterministic: the same logits as re-evaluating
-    if full is None:  # the best epoch was before a resume
+    # One process: the kept epoch's logits are those of best.pt (evaluation is deterministic).
+    # Under DDP each rank's BatchNorm statistics can differ from rank 0's (DDP broadcasts them
+    # at the next training forward), so every rank re-evaluates rank 0's checkpoint.
+    full = None if context.enabled else loop.best_output
+    if full is None:  # DDP, or the kept epoch was before a resume
         full = evaluate_all(trainer.scored, val_loader, device, trainer.criterion, precision,
                             context)
     out = main_output(full, len(run.classes))
@@ -673,6 +673,12 @@ def _log_finish(cfg: Config, run: RunData, tracker: Any, final: dict[str, Any],
                 out: EvalOutput, probs: np.ndarray, calibrated: dict[str, float],
                 is_positive: np.ndarray, checkpoint_path: Path) -> None:
     """Final metrics, tags, figures and artifacts to MLflow."""
+    from embryo_ml.report.plots import (  # matplotlib: imported when the figures are drawn
+        confusion_matrix_figure,
+        reliability_figure,
+        training_curves_figure,
+    )
+
     classes, positive_index = run.classes, run.positive_index
     tracker.log_metrics({f"best_{k}": v for k, v in final.items()
                          if isinstance(v, int | float) and k != "best_epoch"})
