@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from bench_common import plain_training
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -155,19 +156,11 @@ def run_plain(train: pd.DataFrame, test: pd.DataFrame, args: argparse.Namespace
         def __getitem__(self, i: int) -> tuple[Any, int]:
             return self.tf(Image.open(self.paths[i]).convert("RGB")), self.y[i]
 
-    loader = torch.utils.data.DataLoader(Images(train, train_tf), batch_size=32, shuffle=True)
+    loader = torch.utils.data.DataLoader(Images(train, train_tf), batch_size=32, shuffle=True,
+                                         drop_last=True)  # a batch of 1 breaks BatchNorm
     model = timm.create_model(args.model, num_classes=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(loader))
     started = time.perf_counter()
-    for _ in range(args.epochs):
-        model.train()
-        for images, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(images), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    plain_training(model, loader, args.epochs)
     seconds = time.perf_counter() - started
     model.eval()
     test_loader = torch.utils.data.DataLoader(Images(test, test_tf), batch_size=64)
@@ -208,7 +201,7 @@ def interval(frame: pd.DataFrame, n_boot: int, seed: int) -> dict[str, list[floa
             for k, v in draws.items()}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--work", type=Path, default=Path("/tmp/embryo-ml-recipe-real"))
@@ -222,7 +215,7 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=["old", "default", "plain"],
                         choices=[*RECIPES, "plain"])
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"error: {args.data} not found (the real samples live in ../shared/data)",
               file=sys.stderr)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import median, workspace, write_json
+from bench_common import median, plain_training, workspace, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,18 +54,9 @@ def plain_loop(manifest: Path, epochs: int, size: int, workers: int) -> None:
             return tf(Image.open(paths[i]).convert("RGB")), labels[i]
 
     loader = torch.utils.data.DataLoader(Images(), batch_size=32, shuffle=True,
-                                         num_workers=workers)
+                                         num_workers=workers, drop_last=True)
     model = timm.create_model("resnet18", num_classes=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
-    for _ in range(epochs):
-        model.train()
-        for images, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(images), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    plain_training(model, loader, epochs)
     torch.save(model.state_dict(), manifest.parent / "plain.pt")
 
 
@@ -75,7 +66,7 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=588)
     parser.add_argument("--epochs", type=int, default=4)
@@ -89,7 +80,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # the child process
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.plain:
         plain_loop(args.plain, args.epochs, args.size, args.plain_workers)
         return 0

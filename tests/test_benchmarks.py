@@ -107,3 +107,46 @@ def test_variant_names_round_trip(bench):
     assert module.images_per_epoch(30, 8) == 24 and module.images_per_epoch(6, 8) == 6
     total, warm = module.throughput([2.0, 1.0, 1.0], 10)
     assert total == pytest.approx(7.5) and warm == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "data" / "stage-grade").is_dir(),
+                    reason="../shared/data/stage-grade absent")
+def test_recipe_real_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Two folds of the real stage-grade images, one epoch, tiny model: every image is scored
+    once per recipe, out of fold, and the JSON has finite AUCs with intervals."""
+    import pandas as pd
+
+    module = bench("recipe_real")
+    out = tmp_path / "recipe.json"
+    code = module.main(["--folds", "2", "--epochs", "1", "--size", "32", "--model",
+                        "test_resnet", "--n-boot", "20", "--recipes", "default", "plain",
+                        "--work", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    predictions = pd.read_csv(tmp_path / "work" / "predictions.csv")
+    assert predictions.groupby("recipe")["path"].nunique().to_dict() == {"default": 450,
+                                                                          "plain": 450}
+    groups = predictions.drop_duplicates("path").groupby("patient_id")["fold"].nunique()
+    assert (groups == 1).all()  # duplicates never on both sides
+    results = json.loads(out.read_text())["results"]
+    for recipe in ("default", "plain"):
+        assert 0.0 <= results[recipe]["auc"] <= 1.0
+        low, high = results[recipe]["auc_ci"]
+        assert low <= high
+
+
+@pytest.mark.slow
+def test_train_command_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Both sides run as processes to the end and the JSON has their wall times."""
+    module = bench("train_command")
+    out = tmp_path / "command.json"
+    code = module.main(["--images", "40", "--epochs", "1", "--size", "32", "--reps", "1",
+                        "--source-size", "64", "--plain-workers", "0",
+                        "--set", "train.warmup_epochs=0", "--set", "eval.n_boot=50",
+                        "--work", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert _positive(result["summary"]["plain_s"]) and _positive(result["summary"]["ours_s"])
+    assert (tmp_path / "work" / "run0" / "metrics.json").is_file()
+    assert (tmp_path / "work" / "data" / "plain.pt").is_file() or any(
+        (tmp_path / "work").rglob("plain.pt"))
