@@ -20,12 +20,15 @@ one; `score` and the report warn about a bundle exported that way.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from embryo_ml.config import EvalConfig
-from embryo_ml.evaluation.report import Evaluation
+if TYPE_CHECKING:  # this module is also the verdict vocabulary the (light) bundle reader uses
+    from embryo_ml.config import EvalConfig
+    from embryo_ml.evaluation.report import Evaluation
 
 PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
+VERDICTS = (PASSED, FAILED, INCONCLUSIVE)
+PASSED_FOR_VERDICT = {PASSED: True, FAILED: False, INCONCLUSIVE: None}  # the record's `passed`
 
 
 def _check(name: str, label: str, value: float, ci: tuple[float, float]) -> dict[str, Any]:
@@ -74,9 +77,9 @@ def validation_verdict(evaluation: Evaluation, cfg: EvalConfig) -> dict[str, Any
     else:
         verdict = PASSED
         reason = "better than chance: " + "; ".join(_text(c) for c in checks)
-    passed = {PASSED: True, FAILED: False, INCONCLUSIVE: None}[verdict]
-    return {"verdict": verdict, "passed": passed, "reason": reason, "checks": checks,
-            "n_positive": n_pos, "n_negative": n_neg, "bootstrap_unit": evaluation.unit}
+    return {"verdict": verdict, "passed": PASSED_FOR_VERDICT[verdict], "reason": reason,
+            "checks": checks, "n_positive": n_pos, "n_negative": n_neg,
+            "bootstrap_unit": evaluation.unit}
 
 
 def verdict_line(validation: dict[str, Any]) -> str:

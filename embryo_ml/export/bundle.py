@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from embryo_ml.errors import BundleError
+from embryo_ml.evaluation.gate import FAILED, PASSED, PASSED_FOR_VERDICT, VERDICTS
 from embryo_ml.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.onnx"
-VERDICTS = ("passed", "failed", "inconclusive")
-_PASSED_FOR = {"passed": True, "failed": False, "inconclusive": None}  # verdict -> `passed`
 
 
 @dataclass(frozen=True)
@@ -188,8 +187,9 @@ def validation_problem(record: object) -> str | None:
     verdict = record.get("verdict")
     if verdict not in VERDICTS:
         return f"verdict must be one of {', '.join(VERDICTS)}; got {verdict!r}"
-    if "passed" not in record or record["passed"] is not _PASSED_FOR[verdict]:
-        return (f"'passed' must be {json.dumps(_PASSED_FOR[verdict])} for verdict {verdict!r}, "
+    expected = PASSED_FOR_VERDICT[verdict]
+    if "passed" not in record or record["passed"] is not expected:
+        return (f"'passed' must be {json.dumps(expected)} for verdict {verdict!r}, "
                 f"got {record.get('passed')!r}")
     if not isinstance(record.get("reason"), str):
         return f"needs a 'reason' (text), got {record.get('reason')!r}"
@@ -213,10 +213,10 @@ def reason_text(record: dict[str, Any]) -> str:
 def validation_warning(bundle: Bundle) -> str | None:
     """The one warning (without the `warning: ` prefix) for scoring with a model that did not
     pass its quality gate; None when it passed or the bundle predates the gate."""
-    if bundle.validation is None or bundle.verdict == "passed":
+    if bundle.validation is None or bundle.verdict == PASSED:
         return None
     reason = reason_text(bundle.validation)
-    if bundle.verdict == "failed":
+    if bundle.verdict == FAILED:
         return (f"this model FAILED its validation check ({reason}); its scores are not "
                 "trustworthy")
     return (f"this model's validation check was inconclusive ({reason}); treat its scores "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from embryo_ml.errors import DataError, ValidationFailedError
+from embryo_ml.evaluation.gate import FAILED, INCONCLUSIVE
 from embryo_ml.export.bundle import reason_text, validation_problem
 
 ALLOW_FAILED_FLAG = "--allow-failed-validation"
@@ -47,7 +48,7 @@ def run_validation(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def _failed(validation: dict[str, Any] | None) -> bool:
-    return validation is not None and validation.get("verdict") == "failed"
+    return validation is not None and validation.get("verdict") == FAILED
 
 
 def check_exportable(validation: dict[str, Any] | None, run_dir: str | os.PathLike[str],
@@ -90,7 +91,7 @@ def export_warning(validation: dict[str, Any] | None,
         return (f"EXPORTED A MODEL THAT FAILED ITS VALIDATION CHECK ({reason}) because "
                 f"{ALLOW_FAILED_FLAG} was given: for inspection only, never for choosing "
                 "embryos; bundle.json records it and score and the report warn on every use")
-    if validation.get("verdict") == "inconclusive":
+    if validation.get("verdict") == INCONCLUSIVE:
         return (f"the validation check of {run_dir} was inconclusive ({reason}); exported, and "
                 "score and the report will say so")
     return None

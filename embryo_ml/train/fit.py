@@ -27,6 +27,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ class RunData:
     val_idx: np.ndarray
     group_column: str
 
-    @property
+    @cached_property
     def paths(self) -> list[str]:
         return self.table["path"].tolist()
 
@@ -278,6 +279,16 @@ class Inputs:
                                   decode_side(self.size))
 
 
+def training_set(cfg: Config, run: RunData, inputs: Inputs, rows: np.ndarray,
+                 seed: int) -> tuple[EmbryoImageDataset, Any]:
+    """The augmented training dataset of `rows`, and its augmentation pipeline (whose random
+    state `last.pt` keeps)."""
+    augment = build_train_transform(inputs.size, inputs.mean, inputs.std,
+                                    cfg.augment if cfg.train.augment else None, seed=seed)
+    paths = run.paths
+    return inputs.dataset([paths[i] for i in rows], run.item_targets[rows], augment), augment
+
+
 def build_run_model(cfg: Config, run: RunData, device: torch.device,
                     precision: Precision) -> tuple[nn.Module, Recipe, Inputs]:
     """The model (weights as configured), the recipe that follows from what was loaded, and
@@ -394,13 +405,8 @@ def _fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         _write_json({"data": str(Path(source).resolve())}, run_dir / "run.json")
-    paths = run.paths
-    augment = build_train_transform(inputs.size, inputs.mean, inputs.std,
-                                    cfg.augment if cfg.train.augment else None,
-                                    seed=cfg.seed + context.rank)
-    train_set = inputs.dataset([paths[i] for i in run.train_idx],
-                               run.item_targets[run.train_idx], augment)
-    val_set = inputs.dataset([paths[i] for i in run.val_idx], run.item_targets[run.val_idx],
+    train_set, augment = training_set(cfg, run, inputs, run.train_idx, cfg.seed + context.rank)
+    val_set = inputs.dataset([run.paths[i] for i in run.val_idx], run.item_targets[run.val_idx],
                              build_eval_transform(inputs.size, inputs.mean, inputs.std))
     val_shard = (Subset(val_set, shard_indices(len(val_set), context)) if context.enabled
                  else val_set)
@@ -628,10 +634,7 @@ def _refit(cfg: Config, run: RunData, inputs: Inputs, device: torch.device,
     seed_everything(cfg.seed)
     model, recipe, _ = build_run_model(cfg, run, device, precision)
     rows = np.sort(np.concatenate([run.train_idx, run.val_idx]))
-    paths = run.paths
-    augment = build_train_transform(inputs.size, inputs.mean, inputs.std,
-                                    cfg.augment if cfg.train.augment else None, seed=cfg.seed)
-    train_set = inputs.dataset([paths[i] for i in rows], run.item_targets[rows], augment)
+    train_set, _ = training_set(cfg, run, inputs, rows, cfg.seed)
     trainer = build_trainer(cfg, model, recipe, train_set, run.targets[rows], len(run.classes),
                             run.heads, device, context, epochs)
     log.info("refit: %d epochs on all %d images (train + validation)", epochs, len(rows))

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampl
 from embryo_ml.config import Config
 from embryo_ml.train.distributed import DistContext, mean_across_ranks
 from embryo_ml.train.ema import WarmupEma
-from embryo_ml.train.heads import Heads
+from embryo_ml.train.heads import Heads, output_width
 from embryo_ml.train.loop import Precision, train_one_epoch
 from embryo_ml.train.losses import MultiHeadLoss, build_criterion
 from embryo_ml.train.recipe import Recipe
@@ -172,13 +172,7 @@ def build_trainer(
         total_steps, cfg.train.warmup_epochs * len(loader)))
     ema = (WarmupEma(model, cfg.train.ema_decay, total_steps, cfg.train.ema_warmup)
            if cfg.train.ema else None)
-    baseline = constant_prediction_loss(criterion, train_set.targets, _width(model), n_classes,
-                                        main_targets)
+    baseline = constant_prediction_loss(criterion, train_set.targets,
+                                        output_width(n_classes, heads), n_classes, main_targets)
     return Trainer(model, trained, ema.module if ema else model, loader, sampler, optimizer,
                    scheduler, ema, criterion.to(device), backbone, recipe, generator, baseline)
-
-
-def _width(model: nn.Module) -> int:
-    classifier = model.get_classifier()
-    return int(classifier.out_features) if hasattr(classifier, "out_features") else int(
-        model.num_classes)
