@@ -202,6 +202,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from embryo_ml.score.scorer import ScoringInterrupted, score_images
+    from embryo_ml.score.shift import shift_warning
 
     if args.report is not None and args.report.is_dir():  # before the work, not after it
         raise EmbryoMLError(f"--report {args.report} is a folder; give an .html file name")
@@ -228,6 +229,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if summary.n_failed > 10:
             print(f"  ... and {summary.n_failed - 10} more")
     _warn(summary.validation_warning)  # beside the results it qualifies
+    _warn(shift_warning(summary.shift))  # `warning: dataset shift: ...` for a shifted run
     if args.report is not None:
         _write_report(args, summary.out, args.images)
     return 0

@@ -196,6 +196,27 @@ class EvalConfig(_Section):
         return columns
 
 
+class TrustConfig(_Section):
+    """What a bundle knows about its own limits, fit at export on the run's images (see
+    `embryo_ml.score.trust` and `embryo_ml.score.conformal`)."""
+
+    ood_alpha: float = Field(
+        0.01, gt=0.0, lt=0.5, description="out_of_distribution false-alarm rate on images like "
+        "the validation ones: the flag limit is the conformal (1 - ood_alpha) quantile of the "
+        "validation images' feature distance")
+    ood_k: int = Field(1, ge=1, le=100, description="the k-th nearest training image sets the "
+                       "feature-space distance")
+    ood_reference_images: int = Field(
+        2000, ge=10, description="training images (at most) whose features the bundle keeps as "
+        "the reference")
+    shift_p: float = Field(
+        0.001, gt=0.0, lt=0.5, description="a scoring run warns of dataset shift when this few "
+        "runs of images like the validation ones would be flagged as often (one-sided binomial)")
+    conformal_alpha: float = Field(
+        0.1, gt=0.0, lt=0.5, description="conformal 'uncertain' flag: each class's prediction "
+        "sets miss its true images at most this often, on images like the validation ones")
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
@@ -214,6 +235,7 @@ class Config(_Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

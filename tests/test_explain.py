@@ -82,7 +82,7 @@ def test_bundle_cam_mean_is_the_logits_and_matches_pytorch(
     assert bundle.cam_output == "cam" and bundle.output_name == "logits"
     assert bundle.val_metrics["parity_cam_max_rel_diff"] <= 1e-3
     scorer = OnnxScorer(bundle, threads=1, precision="fp32")
-    assert [o.name for o in scorer.session.get_outputs()] == ["logits", "cam"]
+    assert [o.name for o in scorer.session.get_outputs()] == ["logits", "cam", "features"]
     _, images = _images(synth_data, 6)
     batch = np.stack([scorer.prepare(image) for image in images])
     logits, cam = ex.class_activation(scorer, batch, refine=1)
@@ -118,7 +118,7 @@ def test_export_goes_on_without_cam_when_the_cam_fails(
     assert bundle.cam_output is None and "parity_cam_max_rel_diff" not in bundle.val_metrics
     assert "exporting without it" in caplog.text
     scorer = OnnxScorer(bundle, threads=1, precision="fp32")
-    assert [o.name for o in scorer.session.get_outputs()] == ["logits"]
+    assert [o.name for o in scorer.session.get_outputs()] == ["logits", "features"]
     _, images = _images(synth_data, 2)
     assert ex.heatmap(scorer, images[0]) is None and ex.heatmaps(scorer, images) is None
 

@@ -6,6 +6,8 @@ came from (run id, validation metrics, package versions) and the SHA-256 of `mod
 It may also hold `model.int8.onnx`, the same model quantized to 8-bit integers for faster CPU
 scoring, kept only when it agreed with `model.onnx` on the run's validation images (see
 `embryo_ml.export.quantize`); its hash and that measured agreement are under `int8`.
+Every bundle exported since model cards exist also holds `MODEL_CARD.md`, whose facts are in
+`bundle.json` as `model_card` (`embryo_ml.export.model_card`; None in older bundles).
 `read_bundle` refuses a bundle whose hash or schema version does not match: a scoring model that
 was swapped or corrupted must never score patients silently.
 
@@ -71,6 +73,16 @@ class Bundle:
     # "passed"}, ...]} and, for a failed model exported on request, "exported_despite_failure".
     # None = exported from a run trained before the gate (older bundles have no such field).
     validation: dict[str, Any] | None = None
+    # Feature-space out-of-distribution reference (embryo_ml.score.trust): {"file", "sha256",
+    # "method", "k", "alpha", "feature_output", "n_reference", "n_calibration",
+    # "limits": {"fp32": x, "int8": y}, "expected_rate": {"fp32": r, "int8": r}}. None = none
+    # (the energy of the logits is the only out-of-distribution signal then).
+    ood: dict[str, Any] | None = None
+    # Class-conditional split-conformal prediction sets (embryo_ml.score.conformal): {"alpha",
+    # "score", "quantiles": {class: q}, "n_calibration": {class: n}}. None = no `uncertain` flag.
+    conformal: dict[str, Any] | None = None
+    # The facts of MODEL_CARD.md (embryo_ml.export.model_card); None = no model card.
+    model_card: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE
@@ -223,15 +235,27 @@ def validation_warning(bundle: Bundle) -> str | None:
             "with caution")
 
 
+def _plain_name(file: object) -> bool:
+    """A file name inside the bundle folder: no folder part, no way out of it."""
+    return (isinstance(file, str) and bool(file) and "/" not in file and "\\" not in file
+            and file not in (".", ".."))
+
+
 def verify_model_hash(bundle: Bundle) -> None:
-    """Every model file in the bundle (fp32, and int8 when listed) against its recorded hash."""
+    """Every model file in the bundle (fp32, int8 when listed) and the out-of-distribution
+    reference (when listed) against its recorded hash."""
     models = [(bundle.model_file, bundle.sha256)]
     if bundle.int8 is not None:
         file, sha = bundle.int8.get("file"), bundle.int8.get("sha256")
-        if not isinstance(file, str) or not file or "/" in file or "\\" in file \
-                or not isinstance(sha, str):
+        if not _plain_name(file) or not isinstance(sha, str):
             raise BundleError(f"bundle {bundle.path}: 'int8' needs a plain 'file' name and a "
                               f"'sha256', got {bundle.int8}")
+        models.append((file, sha))
+    if bundle.ood is not None:  # the reference decides the out_of_distribution flag
+        file, sha = bundle.ood.get("file"), bundle.ood.get("sha256")
+        if not _plain_name(file) or not isinstance(sha, str):
+            raise BundleError(f"bundle {bundle.path}: 'ood' needs a plain 'file' name and a "
+                              f"'sha256', got file={file!r}")
         models.append((file, sha))
     for name, expected in models:
         model = bundle.path / name if bundle.path is not None else Path(name)
@@ -241,6 +265,6 @@ def verify_model_hash(bundle: Bundle) -> None:
         if actual != expected:
             raise BundleError(
                 f"bundle {bundle.path}: hash mismatch for {name} (expected "
-                f"{expected[:12]}..., found {actual[:12]}...): the model was modified or "
+                f"{expected[:12]}..., found {actual[:12]}...): the file was modified or "
                 "corrupted; refusing to score"
             )

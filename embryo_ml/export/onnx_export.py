@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embryo_ml.config import ModelConfig
+from embryo_ml.config import ModelConfig, TrustConfig
 from embryo_ml.data.preprocess import RESIZE_POLICY
 from embryo_ml.errors import BundleError, DataError
 from embryo_ml.export.bundle import (
@@ -47,8 +47,11 @@ from embryo_ml.export.bundle import (
     write_bundle_json,
 )
 from embryo_ml.export.gate import bundle_validation, check_exportable, run_validation
+from embryo_ml.export.model_card import write_model_card
 from embryo_ml.export.quantize import build_int8
+from embryo_ml.export.trust import build_reference, conformal_record
 from embryo_ml.models import build_model
+from embryo_ml.score.trust import FEATURE_OUTPUT
 from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
 from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
 from embryo_ml.versions import package_versions
@@ -105,18 +108,57 @@ def local_classifier(model: nn.Module) -> tuple[LocalHead, bool] | None:
     return (lambda features: _linear_per_location(features, fc)), True
 
 
-class CamModel(nn.Module):
-    """`image -> (logits, cam)`: the model's logits, computed as before, and the class activation
-    map of the first `n_classes` outputs from the same feature map."""
+class ExportModel(nn.Module):
+    """`image -> (logits[, cam][, features])`: the model's logits, computed as before; with a
+    `local_head`, the class activation map of the first `n_classes` outputs from the same
+    feature map; with `features`, the pooled penultimate features the classifier reads (timm's
+    `forward_head(pre_logits=True)`), for the out-of-distribution score (`embryo_ml.score.trust`).
+    """
 
-    def __init__(self, model: nn.Module, local_head: LocalHead, n_classes: int) -> None:
+    def __init__(self, model: nn.Module, local_head: LocalHead | None, n_classes: int,
+                 features: bool = False) -> None:
         super().__init__()
         self.model, self.local_head, self.n_classes = model, local_head, n_classes
+        self.features = features
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(image)
-        logits = self.model.forward_head(features)
-        return logits, self.local_head(features)[:, :self.n_classes]
+    @property
+    def output_names(self) -> list[str]:
+        return (["logits"] + [CAM_OUTPUT] * (self.local_head is not None)
+                + [FEATURE_OUTPUT] * self.features)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feature_map = self.model.forward_features(image)
+        outputs = [self.model.forward_head(feature_map)]
+        if self.local_head is not None:
+            outputs.append(self.local_head(feature_map)[:, :self.n_classes])
+        if self.features:
+            outputs.append(self.model.forward_head(feature_map, pre_logits=True))
+        return tuple(outputs)
+
+
+class CamModel(ExportModel):
+    """`image -> (logits, cam)`."""
+
+    def __init__(self, model: nn.Module, local_head: LocalHead, n_classes: int) -> None:
+        super().__init__(model, local_head, n_classes)
+
+
+def has_pooled_features(model: nn.Module, image_size: int) -> bool:
+    """Whether `forward_head(..., pre_logits=True)` gives one finite vector per image (timm
+    models do); logged when not, and the bundle then has no feature-space OOD score."""
+    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(2))
+    try:
+        with torch.inference_mode():
+            pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+    except Exception as error:
+        log.info("%s: no pooled features (%s); exporting without a '%s' output",
+                 type(model).__name__, error, FEATURE_OUTPUT)
+        return False
+    ok = pooled.ndim == 2 and pooled.shape[0] == 2 and bool(torch.isfinite(pooled).all())
+    if not ok:
+        log.info("%s: pooled features have shape %s; exporting without a '%s' output",
+                 type(model).__name__, tuple(pooled.shape), FEATURE_OUTPUT)
+    return ok
 
 
 def cam_model(model: nn.Module, n_classes: int, image_size: int) -> CamModel | None:
@@ -162,12 +204,12 @@ def _probe_cam(model: nn.Module, wrapped: CamModel, image_size: int, exact: bool
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
-    """Dynamo export with a dynamic batch dimension; input `image`, output `logits`, and `cam`
-    when `model` is a `CamModel`."""
+    """Dynamo export with a dynamic batch dimension; input `image`, output `logits`, and those
+    of an `ExportModel` (`cam`, `features`)."""
     model = model.eval()
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    outputs = ["logits", CAM_OUTPUT] if isinstance(model, CamModel) else ["logits"]
+    outputs = model.output_names if isinstance(model, ExportModel) else ["logits"]
     chatter = io.StringIO()  # the exporter narrates each step on stdout
     with contextlib.redirect_stdout(chatter), torch.inference_mode(False):
         program = torch.onnx.export(
@@ -212,49 +254,73 @@ def check_parity(
     return worst
 
 
-def check_cam_parity(
-    wrapped: CamModel, onnx_path: Path, image_size: int, seed: int = 0,
+def check_output_parity(
+    wrapped: ExportModel, onnx_path: Path, image_size: int, output: str, seed: int = 0,
     tolerance: float = CAM_PARITY_TOLERANCE,
 ) -> float:
-    """Max abs difference of the `cam` output, PyTorch vs ONNX Runtime on random input, relative
-    to the map's largest magnitude (at least 1); raises BundleError above `tolerance`."""
+    """Max abs difference of one extra output (`cam`, `features`), PyTorch vs ONNX Runtime on
+    random input, relative to its largest magnitude (at least 1); BundleError above
+    `tolerance`."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    index = wrapped.output_names.index(output)
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in (1, 3):
         images = torch.randn(batch, 3, image_size, image_size, generator=generator)
         with torch.inference_mode():
-            expected = wrapped(images)[1].float().numpy()
-        got = session.run([CAM_OUTPUT], {"image": images.numpy()})[0]
+            expected = wrapped(images)[index].float().numpy()
+        got = session.run([output], {"image": images.numpy()})[0]
         if got.shape != expected.shape:
-            raise BundleError(f"ONNX '{CAM_OUTPUT}' has shape {got.shape}, PyTorch "
-                              f"{expected.shape}")
+            raise BundleError(f"ONNX '{output}' has shape {got.shape}, PyTorch {expected.shape}")
         scale = max(1.0, float(np.abs(expected).max()))
         worst = max(worst, float(np.abs(expected - got).max()) / scale)
     if worst > tolerance:
-        raise BundleError(f"ONNX Runtime disagrees with PyTorch on '{CAM_OUTPUT}': relative max "
+        raise BundleError(f"ONNX Runtime disagrees with PyTorch on '{output}': relative max "
                           f"difference {worst:.2e} > {tolerance:.0e}")
     return worst
 
 
+def check_cam_parity(wrapped: ExportModel, onnx_path: Path, image_size: int) -> float:
+    """`check_output_parity` of the class activation map."""
+    return check_output_parity(wrapped, onnx_path, image_size, CAM_OUTPUT)
+
+
 def _export_checked(
     model: nn.Module, path: Path, size: int, classes: list[str], heads: Heads,
-) -> tuple[float, float | None]:
-    """Export `model` to `path` with a `cam` output where its head allows, else without; check
-    parity. Returns (probability difference, cam difference or None when there is no cam)."""
-    wrapped = cam_model(model, len(classes), size)
-    if wrapped is not None:
+) -> dict[str, float]:
+    """Export `model` to `path` with `cam` and `features` outputs where its head allows, and
+    check parity of each. An optional output whose export or parity fails is dropped (logged)
+    and the export tried again without it: the bundle is never lost for a heatmap or the OOD
+    score. Returns the bundle's parity figures (`parity_max_abs_diff`, and
+    `parity_cam_max_rel_diff` / `parity_features_max_rel_diff` for the outputs kept)."""
+    cam = cam_model(model, len(classes), size)
+    local_head = cam.local_head if cam is not None else None
+    features = has_pooled_features(model, size)
+    while True:
+        wrapped = ExportModel(model, local_head, len(classes), features)
         try:
             export_onnx(wrapped, size, path)
-            difference = check_parity(model, path, size, n_classes=len(classes), heads=heads)
-            return difference, check_cam_parity(wrapped, path, size)
-        except Exception as error:  # the heatmap is optional: never lose the bundle for it
-            log.warning("export with a '%s' output failed (%s); exporting without it (no "
-                        "heatmaps from this bundle)", CAM_OUTPUT, error)
-    export_onnx(model, size, path)
-    return check_parity(model, path, size, n_classes=len(classes), heads=heads), None
+            parity = {"parity_max_abs_diff": check_parity(model, path, size,
+                                                          n_classes=len(classes), heads=heads)}
+            if local_head is not None:
+                parity["parity_cam_max_rel_diff"] = check_cam_parity(wrapped, path, size)
+            if features:
+                parity["parity_features_max_rel_diff"] = check_output_parity(
+                    wrapped, path, size, FEATURE_OUTPUT)
+            return parity
+        except Exception as error:
+            if local_head is not None:
+                log.warning("export with a '%s' output failed (%s); exporting without it (no "
+                            "heatmaps from this bundle)", CAM_OUTPUT, error)
+                local_head = None
+            elif features:
+                log.warning("export with a '%s' output failed (%s); exporting without it (no "
+                            "feature-space out-of-distribution check)", FEATURE_OUTPUT, error)
+                features = False
+            else:
+                raise
 
 
 def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
@@ -289,6 +355,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).exists():
         raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new folder")
     model, checkpoint = load_run_model(run_dir)
+    trust = TrustConfig.model_validate(checkpoint["config"].get("trust") or {})
     classes = list(checkpoint["classes"])
     heads: Heads = dict(checkpoint.get("heads") or {})  # Gardner grade heads after the classes
     size = int(checkpoint["image_size"])
@@ -300,11 +367,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        difference, cam_difference = _export_checked(model, staging / MODEL_FILE, size,
-                                                     classes, heads)
-        parity = {"parity_max_abs_diff": difference}
-        if cam_difference is not None:
-            parity["parity_cam_max_rel_diff"] = cam_difference
+        parity = _export_checked(model, staging / MODEL_FILE, size, classes, heads)
         temperature = float(metrics.get("temperature", 1.0))
         threshold = float(metrics.get("threshold", 0.5))
         mean = [float(x) for x in checkpoint["mean"]]
@@ -318,6 +381,10 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *
                 threshold=threshold, temperature=temperature, heads=heads)
             if int8_entry is not None:
                 int8_entry["sha256"] = file_sha256(staging / int8_entry["file"])
+        models = {"fp32": MODEL_FILE} | ({"int8": int8_entry["file"]} if int8_entry else {})
+        ood = build_reference(staging, models, run_dir, size=size, mean=mean, std=std,
+                              input_name="image", trust=trust,
+                              seed=int(checkpoint["config"].get("seed", 0)))
         bundle = Bundle(
             architecture=checkpoint["model_name"], classes=classes,
             positive_class=checkpoint["positive_class"], input_size=size,
@@ -327,10 +394,13 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *
             val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")}
             | parity | {"best_epoch": checkpoint["epoch"]},
             quality=quality, heads=heads or None, versions=package_versions(),
-            cam_output=CAM_OUTPUT if cam_difference is not None else None, int8=int8_entry,
+            cam_output=CAM_OUTPUT if "parity_cam_max_rel_diff" in parity else None,
+            int8=int8_entry, ood=ood,
+            conformal=conformal_record(run_dir, classes, trust.conformal_alpha),
             validation=bundle_validation(validation),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+        bundle = write_model_card(run_dir, bundle, staging)  # MODEL_CARD.md + model_card
         write_bundle_json(bundle, staging)
         read_bundle(staging)  # what we wrote must pass the same check the scorer applies
         if out_dir.exists():

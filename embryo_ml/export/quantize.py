@@ -103,7 +103,7 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, input_nam
         )
 
 
-def _session(path: Path) -> Any:
+def cpu_session(path: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -119,7 +119,7 @@ def compare(fp32: Path, int8: Path, images: np.ndarray, input_name: str, output_
     probabilities, and the share of images given the same label."""
     outputs = []
     for path in (fp32, int8):
-        session = _session(path)
+        session = cpu_session(path)
         logits = np.concatenate([
             session.run([output_name], {input_name: images[i:i + BATCH]})[0]
             for i in range(0, len(images), BATCH)]).astype(np.float64)

@@ -10,10 +10,18 @@ What it shows, top to bottom:
 - for a model that did not pass its validation check (`Bundle.validation`), a banner above
   everything else: red for `failed` (do not use these scores to choose embryos), amber for
   `inconclusive`; none for `passed` or a bundle from before the check;
+- for a run whose images as a whole do not look like the validation images (dataset shift,
+  `embryo_ml.score.shift`), a red banner saying so, and a list of the patients whose images
+  are mostly flagged as unusual (shown even when the run as a whole is not shifted). The record
+  is the one `embryo-ml score` wrote in the scoring sidecar (`<stem>.scoring.json`) when it
+  belongs to these scores (same bundle, same counts); otherwise (no sidecar, an older one, or
+  a scores file edited since) it is recomputed from the rows and the bundle, for the model the
+  sidecar names (else the one `score` picks by default);
 - a summary: image, patient and embryo counts, how many images are flagged and why (in plain
   words), the model (architecture, bundle folder, run id, model hash, embryo-ml version,
-  creation date), its validation metrics, its intended use, and the note that it supports and
-  does not replace the embryologist's judgement;
+  creation date), its validation metrics, its intended use, a short summary of its model card
+  (`MODEL_CARD.md` in the bundle: training data, validation AUC with interval, verdict), and
+  the note that it supports and does not replace the embryologist's judgement;
 - one table per patient (their cohort), in rank order (`rank_in_cohort`, 1 = best; an
   embryo's images together; images that could not be scored last), then the images without a
   patient id: thumbnail, heatmap overlay, embryo, calibrated score with its 1-10 display value,
@@ -50,6 +58,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import json
 import logging
 import math
 import os
@@ -65,12 +74,19 @@ import numpy as np
 from embryo_ml.data.images import read_image
 from embryo_ml.errors import DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, read_bundle, reason_text
+from embryo_ml.export.model_card import MODEL_CARD_FILE, card_summary
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.score.quality import FLAG_NAMES
-from embryo_ml.score.writers import embryos_path, iter_file_rows, output_format
+from embryo_ml.score.shift import (
+    count_flagged,
+    format_percent,
+    mostly_flagged_cohorts,
+    shift_record,
+)
+from embryo_ml.score.writers import embryos_path, iter_file_rows, output_format, settings_path
 
 __all__ = ["DEFAULT_MAX_THUMBNAILS", "FLAG_TEXT", "INTENDED_USE", "JUDGEMENT_NOTE",
-           "VALIDATION_BANNER", "flag_text", "write_report"]
+           "SHIFT_BANNER", "VALIDATION_BANNER", "flag_text", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +107,8 @@ FLAG_TEXT = {
                  "shows an embryo",
     "out_of_distribution": "unusual image: unlike the images the model was validated on — "
                            "the score may not be reliable",
+    "uncertain": "uncertain: the model cannot settle on one class for this image at its "
+                 "stated confidence level — judge this embryo yourself",
 }
 JUDGEMENT_NOTE = ("This report supports, and does not replace, the embryologist's judgement. "
                   "Every decision stays with the embryologist.")
@@ -103,6 +121,16 @@ VALIDATION_BANNER = {
                     "with extra caution, and check every embryo yourself before relying on "
                     "them.",
 }
+# What a reader must know first when the run's images as a whole look unlike the validation
+# images (`embryo_ml.score.shift`): {n_flagged} of {n_scored} scored images flagged
+# out_of_distribution, {expected} the share expected on images like the validation ones.
+SHIFT_BANNER = ("These images do not look like the images the model was trained and validated "
+                "on ({n_flagged} of {n_scored} flagged, expected about {expected}); its "
+                "validation figures do not apply; validate it on this clinic's images first.")
+SHIFT_COHORTS_TITLE = ("Patients whose images mostly do not look like the images the model was "
+                       "trained and validated on:")
+SHIFT_COHORT = ("Patient {patient}: {n_flagged} of {n_scored} images ({share}) flagged as "
+                "unusual \u2014 check this cohort's images before relying on its scores")
 INTENDED_USE = (
     "To help an embryologist review and order the embryos of one patient's cohort from still "
     "images. The score is the model's calibrated probability that an image shows an embryo of "
@@ -395,6 +423,11 @@ h3 { font-size: 15px; margin: 16px 0 4px; }
 .validation-banner.failed { background: #b3261e; color: #fff; }
 .validation-banner.inconclusive { background: var(--flagbg); color: var(--flag);
   border: 2px solid #e08a00; }
+.shift-banner { margin: 8px 0 12px; padding: 12px 16px; font-size: 16px; border-radius: 3px;
+  background: #b3261e; color: #fff; print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+.shift-cohorts { margin: 8px 0 12px; padding: 10px 14px; border-radius: 3px;
+  background: var(--flagbg); color: var(--flag); border: 2px solid #e08a00; }
+.shift-cohorts ul { margin: 4px 0 0; padding-left: 20px; }
 .summary-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr));
   gap: 8px 32px; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0; }
@@ -601,6 +634,83 @@ def _validation_fact(bundle: Bundle) -> str:
     return f"{bundle.verdict}: {reason_text(bundle.validation)}"
 
 
+def _model_card_html(bundle: Bundle) -> str:
+    """A few lines of the bundle's model card and where the whole card is."""
+    lines = card_summary(bundle.model_card)
+    if not lines:
+        return ('<h3>Model card</h3><p id="model-card">This bundle has no model card (exported '
+                "before model cards existed).</p>")
+    folder = str(bundle.path) if bundle.path else "the bundle folder"
+    where = f"{MODEL_CARD_FILE} in the bundle folder ({folder})"
+    return (f'<h3>Model card</h3><div id="model-card">{_facts(lines)}<p class="small-text">'
+            f"The full model card (training data, subgroups, limitations): {_e(where)}.</p>"
+            "</div>")
+
+
+def _shift_rows(rows: list[_Row]) -> list[dict[str, Any]]:
+    return [{"patient_id": r.patient, "status": r.status, "flags": r.flags} for r in rows]
+
+
+def _scoring_settings(scores: Path) -> dict[str, Any]:
+    """The scoring sidecar beside the scores file (`settings_path`); {} when absent or bad."""
+    try:
+        data = json.loads(settings_path(scores).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_shift(scores: Path, bundle: Bundle, rows: list[_Row]) -> dict[str, Any]:
+    """The run's dataset-shift record: the scoring sidecar's when it belongs to these scores
+    (this bundle, the same counts), else recomputed from the rows and the bundle for the model
+    the sidecar names (else the one `score` picks by default, as `choose_model` does)."""
+    counted = _shift_rows(rows)
+    settings = _scoring_settings(scores)
+    record = settings.get("shift")
+    if (isinstance(record, dict) and record.get("available") is True
+            and settings.get("bundle_sha256") == bundle.sha256
+            and (record.get("n_flagged"), record.get("n_scored")) == count_flagged(counted)):
+        return record
+    precision = settings.get("model")
+    if precision not in ("fp32", "int8"):
+        precision = "int8" if bundle.int8 is not None else "fp32"
+    return shift_record(bundle, str(precision), counted)
+
+
+def _shift_html(shift: dict[str, Any], rows: list[_Row]) -> str:
+    """The red banner of a shifted run, then the patients whose images are mostly flagged
+    (whether or not the run is shifted); "" when neither applies."""
+    parts = []
+    if shift.get("shifted") is True:
+        text = SHIFT_BANNER.format(n_flagged=shift["n_flagged"], n_scored=shift["n_scored"],
+                                   expected=format_percent(float(shift["expected_share"])))
+        parts.append(f'<div class="shift-banner" id="shift-banner" role="alert" '
+                     f'data-shifted="true"><strong>{_e(text)}</strong></div>')
+    cohorts = mostly_flagged_cohorts(_shift_rows(rows))
+    if cohorts:
+        items = "".join(
+            f'<li data-patient="{_e(c["patient_id"])}">' + _e(SHIFT_COHORT.format(
+                patient=c["patient_id"], n_flagged=c["n_flagged"], n_scored=c["n_scored"],
+                share=format_percent(c["share_flagged"]))) + "</li>" for c in cohorts)
+        parts.append(f'<div class="shift-cohorts" id="shift-cohorts" role="note"><strong>'
+                     f"{_e(SHIFT_COHORTS_TITLE)}</strong><ul>{items}</ul></div>")
+    return "\n".join(parts)
+
+
+def _shift_note(shift: dict[str, Any]) -> str:
+    """One line for "About this report": what the dataset-shift check found."""
+    if shift.get("available") is not True:
+        return f"Dataset shift check: not available ({shift.get('reason', 'no record')})."
+    found = (f"Dataset shift check: {shift['n_flagged']} of {shift['n_scored']} scored images "
+             f"flagged as unusual, about {format_percent(float(shift['expected_share']))} "
+             f"expected on images like the validation ones (p = {float(shift['p_value']):.2g})")
+    if shift.get("shifted") is True:
+        return f"{found}: these images do not look like the training images (see the top)."
+    return (f"{found}: no sign of dataset shift (a warning needs p < "
+            f"{float(shift['p_limit']):g}, at least twice the expected share and at least 3 "
+            "flagged images).")
+
+
 def _summary(rows: list[_Row], cohorts: list[tuple[str, list[_Row]]], bundle: Bundle,
              scores: Path, root: Path, notes: list[str]) -> str:
     n = len(rows)
@@ -670,6 +780,7 @@ def _summary(rows: list[_Row], cohorts: list[tuple[str, list[_Row]]], bundle: Bu
 </div>
 <h3>Intended use</h3><p id="intended-use">{_e(INTENDED_USE.format(positive=bundle.positive_class))}
 </p>
+{_model_card_html(bundle)}
 <h3>About this report</h3>
 <ul id="report-notes">
 <li>Scores: {_e(scores.name)}; images from: {_e(str(root))}.</li>
@@ -842,6 +953,8 @@ def write_report(
     if unreadable:
         notes.append(f"{unreadable} image file(s) could not be read for a thumbnail.")
 
+    shift = _run_shift(scores, bundle, rows)
+    notes.append(_shift_note(shift))
     embryo_scores = _embryo_scores(scores)
     created = datetime.now().astimezone().isoformat(timespec="seconds")
     document = f"""<!DOCTYPE html>
@@ -856,6 +969,7 @@ def write_report(
 </head>
 <body>
 {_validation_banner(bundle)}
+{_shift_html(shift, rows)}
 <header>
 <h1>Embryo scoring report</h1>
 <p class="meta">Created {_e(created)} from {_e(scores.name)} with model

@@ -34,7 +34,8 @@ __all__ = [
     "logit_flags",
 ]
 
-FLAG_NAMES = ("blurry", "under_exposed", "over_exposed", "no_embryo", "out_of_distribution")
+FLAG_NAMES = ("blurry", "under_exposed", "over_exposed", "no_embryo", "out_of_distribution",
+              "uncertain")
 
 WORK_SIDE = 128  # pixel measurements are made with the longer side shrunk to about this
 DARK_LEVEL = 5  # grey levels <= this count as clipped black

@@ -68,7 +68,10 @@ from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.numeric import softmax
 from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts, display_score
+from embryo_ml.score.conformal import conformal_flags
 from embryo_ml.score.quality import QualityThresholds, image_flags, join_flags, logit_flags
+from embryo_ml.score.shift import shift_record
+from embryo_ml.score.trust import FeatureReference
 from embryo_ml.score.writers import (
     embryos_path,
     iter_file_rows,
@@ -109,6 +112,9 @@ class ScoreSummary:
     precision: str = "fp32"  # the model that scored: "fp32" or "int8"
     # Set when the model did not pass its validation check (`validation_warning`): say it.
     validation_warning: str | None = None
+    # The dataset-shift record of the whole output (`embryo_ml.score.shift.shift_record`), also
+    # in the settings sidecar under "shift"; None until a run finishes.
+    shift: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -270,6 +276,18 @@ class OnnxScorer:
         declared = outputs[bundle.output_name].shape[-1]
         if isinstance(declared, int):
             _check_width(bundle, declared, self.width)
+        # The feature-space out-of-distribution reference of the model that scores; without
+        # one (older bundles) the logits' energy is the out-of-distribution signal.
+        self.reference: FeatureReference | None = None
+        if bundle.ood is not None:
+            feature_output = str(bundle.ood.get("feature_output", ""))
+            if feature_output not in outputs:
+                raise BundleError(f"bundle {bundle.path}: 'ood' reads the model output "
+                                  f"{feature_output!r}, which the model does not have")
+            self.reference = FeatureReference.load(bundle.path, bundle.ood, self.precision)
+            self._fetch = [bundle.output_name, feature_output]
+        else:
+            self._fetch = [bundle.output_name]
 
     def read(self, item: ScoreItem) -> np.ndarray:
         """The item's image decoded as training and validation decoded it (reduced JPEG scale,
@@ -285,16 +303,30 @@ class OnnxScorer:
         """(N, 3, S, S) float32 -> (N, C) raw logits of one view (no TTA)."""
         return self.session.run([self.bundle.output_name], {self.bundle.input_name: batch})[0]
 
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, pooled features or None without a reference) of one view, one ONNX run."""
+        found = self.session.run(self._fetch, {self.bundle.input_name: batch})
+        return found[0], (found[1] if len(found) > 1 else None)
+
     def tta_logits(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean logits over the 8 `dihedral_views`, logits of the unaugmented view), float64."""
-        total, plain = None, None
+        mean, plain, _ = self.tta_outputs(batch)
+        return mean, plain
+
+    def tta_outputs(
+        self, batch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(mean logits over the 8 `dihedral_views`, logits and features of the unaugmented
+        view): the flags are judged on the view their limits were fitted on."""
+        total, plain, features = None, None, None
         for view in dihedral_views(batch):
-            logits = self.logits(view).astype(np.float64)
             if plain is None:
-                plain, total = logits, logits.copy()
+                logits, features = self.outputs(view)
+                plain = logits.astype(np.float64)
+                total = plain.copy()
             else:
-                total += logits
-        return total / 8.0, plain  # type: ignore[operator,return-value]
+                total += self.logits(view).astype(np.float64)
+        return total / 8.0, plain, features  # type: ignore[operator,return-value]
 
     def image_flags(self, image: np.ndarray) -> list[str]:
         return image_flags(image, self.quality) if self.quality else []
@@ -303,6 +335,18 @@ class OnnxScorer:
         if self.quality is None:
             return [[] for _ in logits]
         return logit_flags(logits, self.quality)
+
+    def model_flags(self, logits: np.ndarray, features: np.ndarray | None) -> list[list[str]]:
+        """`out_of_distribution` (feature distance, or the logits' energy for bundles without
+        a reference) and `uncertain` (conformal sets), per row, from one view's raw outputs."""
+        main = logits[:, :len(self.bundle.classes)]
+        if self.reference is not None and features is not None:
+            ood = self.reference.flags(features)
+        else:
+            ood = self.logit_flags(main)
+        probs = softmax(main, self.bundle.temperature)
+        uncertain = conformal_flags(probs, self.bundle.conformal, self.bundle.classes)
+        return [a + b for a, b in zip(ood, uncertain, strict=True)]
 
 
 def _logit_width(bundle: Bundle) -> int:
@@ -378,12 +422,13 @@ def batch_rows(scorer: OnnxScorer, batch: list[Loaded]) -> list[dict]:
     if good:
         pixels = np.stack([batch[p][1] for p in good])  # type: ignore[misc]
         if scorer.tta:
-            logits, plain = scorer.tta_logits(pixels)
+            logits, plain, features = scorer.tta_outputs(pixels)
         else:
-            logits = plain = scorer.logits(pixels)
+            logits, features = scorer.outputs(pixels)
+            plain = logits
         _check_width(bundle, logits.shape[1], scorer.width)
         probs = softmax(logits[:, :n_classes], bundle.temperature)
-        model_flags = scorer.logit_flags(plain[:, :n_classes])
+        model_flags = scorer.model_flags(plain, features)
         heads = _head_predictions(bundle, logits) if bundle.heads else [{} for _ in good]
     rows = []
     for position, (item, _, status, pixel_flags) in enumerate(batch):
@@ -556,6 +601,10 @@ def score_images(
         log.unlink(missing_ok=True)
     write_table(embryos_out, EMBRYO_COLUMNS, cohorts.rows())
     summary.embryos_out, summary.n_embryos = embryos_out, len(cohorts)
+    # every row of the output, resumed ones too; the sidecar gains the record at the very end
+    summary.shift = shift_record(bundle, summary.precision, iter_file_rows(out))
+    atomic_write_text(settings_path(out),
+                      json.dumps({**settings, "shift": summary.shift}, indent=2) + "\n")
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -563,7 +612,8 @@ def score_images(
 def _settings(bundle: Bundle, scorer: OnnxScorer, embryo_pattern: str | None) -> dict[str, Any]:
     """What decides the numbers in a scores file: model file, test-time augmentation and how
     embryos are named, and whether the model passed its validation check. Written beside it
-    (`settings_path`); `--resume` checks the first three."""
+    (`settings_path`) when a run starts, and again with the run's dataset-shift record
+    (`"shift"`, `embryo_ml.score.shift`) when it finishes; `--resume` checks the first three."""
     int8 = scorer.precision == "int8" and bundle.int8 is not None
     model_sha = bundle.int8["sha256"] if int8 else bundle.sha256  # type: ignore[index]
     return {"bundle_sha256": bundle.sha256, "model": scorer.precision, "model_sha256": model_sha,

@@ -101,6 +101,10 @@ from embryo_ml.versions import package_versions
 
 log = logging.getLogger(__name__)
 QUALITY_NAME = "quality.json"
+TRAIN_IMAGES_NAME = "train_images.csv"  # the training images: export's feature reference
+# Columns of train_images.csv beside path and label, where the manifest has them: what the
+# model card summarises (counts only; identifiers never leave the run folder).
+TRAIN_IMAGE_COLUMNS = ("day", "clinic", "source", "focal_plane", "patient_id", "embryo_id")
 SELECTION_NAME = "selection.pt"  # with train.refit: the validation run's best checkpoint
 LEARNING_CAUSES = ("likely causes: a learning rate too low or too high (train.lr, "
                    "train.scratch_lr), a frozen random backbone (train.freeze_backbone_epochs "
@@ -669,6 +673,19 @@ def _write_run_files(cfg: Config, run: RunData, inputs: Inputs, final: dict[str,
         probs, run.positive_index, calibrated["threshold"])]
     predictions = predictions.assign(**head_columns(full.logits, full.targets, run.heads))
     atomic_write_text(run_dir / "val_predictions.csv", predictions.to_csv(index=False))
+    atomic_write_text(run_dir / TRAIN_IMAGES_NAME,
+                      training_images(run, run.train_idx).to_csv(index=False))
+
+
+def training_images(run: RunData, rows: np.ndarray) -> pd.DataFrame:
+    """path, label and the TRAIN_IMAGE_COLUMNS the table has, for `rows` of the run's table."""
+    table = run.table.iloc[rows]
+    frame = pd.DataFrame({"path": table["path"].to_numpy(),
+                          "label": [run.classes[t] for t in run.targets[rows]]})
+    for column in TRAIN_IMAGE_COLUMNS:
+        if column in table.columns:
+            frame[column] = table[column].to_numpy()
+    return frame
 
 
 def _log_finish(cfg: Config, run: RunData, tracker: Any, final: dict[str, Any],

@@ -1,0 +1,167 @@
+"""Fit what a bundle knows about its own limits, at export: the feature-space
+out-of-distribution reference (`embryo_ml.score.trust` has the score and its guarantee) and the
+conformal prediction sets behind the `uncertain` flag (`embryo_ml.score.conformal`).
+
+Conformal sets are fit on `val_predictions.csv` (true label and calibrated probabilities).
+
+Both the reference (training images, `train_images.csv`) and the limit's calibration images (the
+validation images, `val_predictions.csv`) are run through the exported ONNX models themselves,
+decoded exactly as the scorer decodes them, so the stored vectors and limits are those scoring
+will meet; the int8 model gets its own. Without a `features` output, training images or enough
+readable validation images there is no reference: export goes on, says why in a log line, and
+the bundle's `ood` stays None (the energy of the logits is then the only signal).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from embryo_ml.config import TrustConfig
+from embryo_ml.data.preprocess import preprocess, read_for_model
+from embryo_ml.errors import ImageReadError
+from embryo_ml.export.bundle import file_sha256
+from embryo_ml.export.quantize import cpu_session, validation_images
+from embryo_ml.score.conformal import fit_conformal
+from embryo_ml.score.trust import (
+    FEATURE_OUTPUT,
+    METHOD,
+    REFERENCE_FILE,
+    conformal_limit,
+    knn_distance,
+    normalise,
+)
+
+log = logging.getLogger(__name__)
+
+TRAIN_IMAGES_FILE = "train_images.csv"  # written by embryo_ml.train.fit (TRAIN_IMAGES_NAME)
+MIN_CALIBRATION = 20  # fewer readable validation images: no reference (the limit means nothing)
+BATCH = 32
+
+
+def training_images(run_dir: Path) -> list[str]:
+    """Paths of the run's training images, [] for a run from before train_images.csv."""
+    table_path = run_dir / TRAIN_IMAGES_FILE
+    if not table_path.is_file():
+        return []
+    table = pd.read_csv(table_path, usecols=["path"], dtype="string", keep_default_na=False)
+    return [p for p in table["path"].tolist() if p]
+
+
+def _spread(paths: Sequence[str], limit: int, seed: int) -> list[str]:
+    """At most `limit` of `paths`, a random sample (seeded) in the original order."""
+    if len(paths) <= limit:
+        return list(paths)
+    chosen = np.random.default_rng(seed).choice(len(paths), limit, replace=False)
+    return [paths[i] for i in sorted(chosen)]
+
+
+def _batches(paths: Sequence[str], size: int, mean: Sequence[float],
+             std: Sequence[float]) -> Iterator[np.ndarray]:
+    """The readable images of `paths` as the scorer feeds them, BATCH at a time."""
+    batch = []
+    for path in paths:
+        try:
+            batch.append(preprocess(read_for_model(path, size), size, mean, std))
+        except ImageReadError:
+            continue
+        if len(batch) == BATCH:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+def _features(sessions: dict[str, Any], paths: Sequence[str], size: int, mean: Sequence[float],
+              std: Sequence[float], input_name: str) -> dict[str, np.ndarray]:
+    """Per model ("fp32", "int8"): the `features` output of every readable image of `paths`."""
+    found: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    for batch in _batches(paths, size, mean, std):
+        for name, session in sessions.items():
+            found[name].append(session.run([FEATURE_OUTPUT], {input_name: batch})[0])
+    return {name: (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+            for name, parts in found.items()}
+
+
+def has_feature_output(model_path: Path) -> bool:
+    import onnx
+
+    return FEATURE_OUTPUT in {o.name for o in onnx.load(str(model_path),
+                                                         load_external_data=False).graph.output}
+
+
+def build_reference(
+    staging: Path, models: dict[str, str], run_dir: Path, *, size: int, mean: Sequence[float],
+    std: Sequence[float], input_name: str, trust: TrustConfig, seed: int = 0,
+) -> dict[str, Any] | None:
+    """Write `staging/REFERENCE_FILE` and return the bundle's `ood` record, or None (logged).
+
+    `models`: precision ("fp32", "int8") -> model file in `staging`."""
+    if not has_feature_output(staging / models["fp32"]):
+        log.warning("no feature-space out-of-distribution check: the model has no '%s' output",
+                    FEATURE_OUTPUT)
+        return None
+    train = training_images(run_dir)
+    if not train:
+        log.warning("no feature-space out-of-distribution check: %s has no %s (a run from an "
+                    "older version); out_of_distribution falls back to the logits' energy",
+                    run_dir, TRAIN_IMAGES_FILE)
+        return None
+    sessions = {name: cpu_session(staging / file) for name, file in models.items()}
+    reference = _features(sessions, _spread(train, trust.ood_reference_images, seed), size, mean,
+                          std, input_name)
+    calibration = _features(sessions, validation_images(run_dir), size, mean, std, input_name)
+    n_ref, n_cal = len(reference["fp32"]), len(calibration["fp32"])
+    if n_ref < trust.ood_k or n_cal < MIN_CALIBRATION:
+        log.warning("no feature-space out-of-distribution check: %d readable training and %d "
+                    "validation images (need %d and %d)", n_ref, n_cal, trust.ood_k,
+                    MIN_CALIBRATION)
+        return None
+    vectors = {name: normalise(x) for name, x in reference.items()}
+    limits, rates = {}, {}
+    for name in models:
+        scores = knn_distance(calibration[name], vectors[name], trust.ood_k)
+        limits[name], rates[name] = conformal_limit(scores, trust.ood_alpha)
+    path = staging / REFERENCE_FILE
+    with open(path, "wb") as handle:
+        np.savez(handle, **vectors)
+    log.info("out-of-distribution reference: %d training images, limit %.4f (fp32) from %d "
+             "validation images, expected false-alarm rate %.3f", n_ref, limits["fp32"], n_cal,
+             rates["fp32"])
+    return {"method": METHOD, "file": REFERENCE_FILE, "sha256": file_sha256(path),
+            "feature_output": FEATURE_OUTPUT, "k": trust.ood_k, "alpha": trust.ood_alpha,
+            "shift_p": trust.shift_p, "n_reference": n_ref, "n_calibration": n_cal,
+            "feature_dim": int(vectors["fp32"].shape[1]), "limits": limits,
+            "expected_rate": rates}
+
+
+def conformal_record(run_dir: Path, classes: Sequence[str], alpha: float) -> dict[str, Any] | None:
+    """The bundle's `conformal` record from the run's validation predictions, or None (logged)
+    when there are none or they lack a class's probability column."""
+    table_path = run_dir / "val_predictions.csv"
+    columns = [f"p_{c}" for c in classes]
+    if not table_path.is_file():
+        log.warning("no conformal 'uncertain' flag: %s has no val_predictions.csv", run_dir)
+        return None
+    table = pd.read_csv(table_path, dtype={"label": "string"}, keep_default_na=False)
+    if "label" not in table.columns or not set(columns) <= set(table.columns):
+        log.warning("no conformal 'uncertain' flag: %s lacks label or %s", table_path,
+                    ", ".join(columns))
+        return None
+    known = table["label"].isin(list(classes)).to_numpy()
+    targets = np.array([list(classes).index(v) for v in table["label"][known]], dtype=int)
+    record = fit_conformal(table.loc[known, columns].to_numpy(np.float64), targets, classes,
+                           alpha)
+    thin = [c for c, n in record["n_calibration"].items()
+            if math.ceil((n + 1) * (1 - alpha)) > n]
+    if thin:
+        log.warning("conformal sets: too few validation images of %s for alpha %.2f: that "
+                    "class is in every prediction set (more images are flagged uncertain)",
+                    ", ".join(thin), alpha)
+    return record
