@@ -17,7 +17,12 @@ are scored three ways, interleaved (eager, ours, ORT, eager, ours, ORT, ...):
   and preprocessed beforehand into float32 batches of B (one warm-up batch untimed): the
   ceiling for ours, whose goal is to hide decoding behind this compute.
 
-Goals (CPU): ours >= 3x eager, and ours >= 0.8x ORT model-only. Each ratio is the median over
+- ours_no_trust: ours with a copy of the bundle without its trust layer (no feature-space
+  out-of-distribution reference, no conformal sets: the scorer before them, which fetched only
+  the logits and judged out-of-distribution by their energy).
+
+Goals (CPU): ours >= 3x eager, ours >= 0.8x ORT model-only, and ours >= 0.9x ours_no_trust (the
+trust layer costs at most 10%). Each ratio is the median over
 repetitions of the ratio within one repetition.
 
 With 2 or more CPUs (and no --threads), ours and ORT model-only are also run with the model on
@@ -42,6 +47,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,7 @@ from bench_common import cpu_seconds, make_images, median, print_table, workspac
 
 GOAL_EAGER = 3.0
 GOAL_ORT = 0.8
+GOAL_TRUST = 0.9  # the trust layer (OOD reference, conformal sets) costs at most 10%
 
 
 def train_bundle(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -210,6 +217,19 @@ def sweep(batches: list[np.ndarray], paths: list[str], folder: Path, bundle: Pat
     return {"ort_model_only": ort_rows, "ours": ours_rows}
 
 
+def bundle_without_trust(bundle: Path, out: Path) -> Path:
+    """A copy of `bundle` without `ood` and `conformal`: scoring as before the trust layer."""
+    from embryo_ml.export.bundle import read_bundle, write_bundle_json
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(bundle, out)
+    stripped = read_bundle(out)
+    if stripped.ood is not None:
+        (out / stripped.ood["file"]).unlink()
+    write_bundle_json(replace(stripped, ood=None, conformal=None), out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -251,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         from embryo_ml.export.bundle import read_bundle
 
         int8 = read_bundle(bundle).int8 is not None
-        names = ("eager", "ours", "ort_model_only")
+        plain_bundle = bundle_without_trust(bundle, work / "bundle-no-trust")
+        names = ("eager", "ours", "ours_no_trust", "ort_model_only")
         if int8:  # the fp32 model too, for comparison; the goals are on the default (int8)
             names += ("ours_fp32", "ort_model_only_fp32")
         one_core = args.threads is None and (os.cpu_count() or 1) >= 2
@@ -268,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_eager(paths, run_dir, args.batch_size, args.eager_workers,
                                        args.threads)
                 elif name.startswith("ours"):
-                    result = run_ours(folder, bundle, work / "scores.csv", args.batch_size,
+                    result = run_ours(folder, plain_bundle if name == "ours_no_trust" else
+                                      bundle, work / "scores.csv", args.batch_size,
                                       threads=threads, precision=precision)
                 else:
                     result = run_ort(batches, bundle, threads, precision)
@@ -283,12 +305,15 @@ def main(argv: list[str] | None = None) -> int:
               for name in names}
     ratio_eager = median([by[("ours", r)] / by[("eager", r)] for r in reps])
     ratio_ort = median([by[("ours", r)] / by[("ort_model_only", r)] for r in reps])
+    ratio_trust = median([by[("ours", r)] / by[("ours_no_trust", r)] for r in reps])
     print()
     print_table(["scorer", "img/s", "CPU ms/img"], [[k, v, cpu_ms[k]] for k, v in summary.items()])
     print(f"\nours / eager          {ratio_eager:.2f}  (goal >= {GOAL_EAGER}: "
           f"{'met' if ratio_eager >= GOAL_EAGER else 'not met'})")
     print(f"ours / ORT model-only {ratio_ort:.2f}  (goal >= {GOAL_ORT}: "
           f"{'met' if ratio_ort >= GOAL_ORT else 'not met'})")
+    print(f"ours / ours_no_trust  {ratio_trust:.2f}  (goal >= {GOAL_TRUST}: "
+          f"{'met' if ratio_trust >= GOAL_TRUST else 'not met'})")
     extra: dict[str, float] = {}
     if int8:
         extra = {"ratio_ours_fp32_eager": median(
@@ -322,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {**{f"{k}_ips": v for k, v in summary.items()},
                     **{f"{k}_cpu_ms_per_image": v for k, v in cpu_ms.items()},
                     "ratio_ours_eager": ratio_eager, "ratio_ours_ort_model_only": ratio_ort,
+                    "ratio_ours_no_trust": ratio_trust,
                     **extra, "int8": int8},
         "goals": {"ours_eager": GOAL_EAGER, "ours_ort_model_only": GOAL_ORT,
+                  "ours_no_trust": GOAL_TRUST, "met_trust": ratio_trust >= GOAL_TRUST,
                   "met_eager": ratio_eager >= GOAL_EAGER, "met_ort": ratio_ort >= GOAL_ORT,
                   "met_ort_1core": (extra["ratio_ours_ort_model_only_1core"] >= GOAL_ORT
                                     if one_core else None)},

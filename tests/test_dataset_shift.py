@@ -25,6 +25,7 @@ from embryo_ml.report.html import SHIFT_BANNER, SHIFT_COHORT, write_report
 from embryo_ml.score.scorer import score_images
 from embryo_ml.score.shift import (
     binomial_tail,
+    calibration_null,
     count_flagged,
     dataset_shift,
     expected_ood_rate,
@@ -72,7 +73,7 @@ def test_not_shifted_at_the_expected_rate() -> None:
     record = dataset_shift(10, 1000, 0.01, 0.001)
     assert record == {"shifted": False, "n_scored": 1000, "n_flagged": 10, "share_flagged": 0.01,
                       "expected_share": 0.01, "p_value": pytest.approx(0.5427, abs=1e-4),
-                      "p_limit": 0.001}
+                      "p_limit": 0.001, "null": "binomial"}
     assert json.loads(json.dumps(record)) == record  # JSON-safe
     assert not dataset_shift(0, 0, 0.01, 0.001)["shifted"]  # nothing scored
     assert dataset_shift(0, 0, 0.01, 0.001)["p_value"] == 1.0
@@ -250,8 +251,9 @@ def test_score_warns_once_and_records_the_shift(shifted_run: dict, flag_all: Pat
     settings = _sidecar(shifted_run["out"])
     bundle = read_bundle(flag_all)
     expected = dataset_shift(n, n, expected_ood_rate(bundle, settings["model"]),
-                             shift_p_limit(bundle))
+                             shift_p_limit(bundle), calibration_null(bundle, settings["model"]))
     assert settings["shift"] == {"available": True, **expected}
+    assert settings["shift"]["null"].startswith("beta-binomial")
     assert settings["shift"]["shifted"] is True
     assert _shift_lines(shifted_run["stdout"]) == []
     lines = _shift_lines(shifted_run["stderr"])
@@ -399,3 +401,34 @@ def test_shift_banner_is_red_in_headless_chromium(shifted_run: dict, tmp_path: P
     top = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)[:120]
     red = np.abs(top - RED).max(axis=2) <= 12
     assert red.mean() > 0.2, red.mean()
+
+
+def test_beta_binomial_tail_matches_a_brute_force_sum_and_its_large_run_limit() -> None:
+    from math import factorial
+
+    from embryo_ml.score.shift import beta_binomial_tail
+
+    def beta(x: int, y: int) -> Fraction:  # B(x, y) for integers, exactly
+        return Fraction(factorial(x - 1) * factorial(y - 1), factorial(x + y - 1))
+
+    a, b, m = 2, 99, 60
+    exact = sum(comb(m, i) * beta(i + a, m - i + b) / beta(a, b) for i in range(5, m + 1))
+    assert beta_binomial_tail(5, m, a, b) == pytest.approx(float(exact), rel=1e-9)
+    assert beta_binomial_tail(0, m, a, b) == 1.0 and beta_binomial_tail(m + 1, m, a, b) == 0.0
+    # Beyond the exact range: P(rate >= k / m) for a rate ~ Beta(1, 100) is (1 - k / m)^100.
+    assert beta_binomial_tail(300_000, 10_000_000, 1, 100) == pytest.approx(0.97 ** 100,
+                                                                            rel=1e-6)
+    # Just below and above the switch the two forms agree to about 1 / sqrt(m).
+    near = [beta_binomial_tail(600, m, 1, 100) for m in (20_000, 20_001)]
+    assert near[0] == pytest.approx(near[1], rel=0.05)
+
+
+def test_a_tight_limit_from_few_calibration_images_does_not_call_its_own_clinic_shifted() -> None:
+    """100 calibration images give limit = their largest score: the false-alarm rate is
+    Beta(1, 100), 3% or more one time in twenty. 30 of 1000 flagged is then no evidence of
+    shift, though a binomial at the mean rate 1/101 would call it (p ~ 1e-7)."""
+    assert dataset_shift(30, 1000, 1 / 101, 0.001)["shifted"] is True
+    record = dataset_shift(30, 1000, 1 / 101, 0.001, calibration=(1, 100))
+    assert record["shifted"] is False and record["p_value"] == pytest.approx(0.055, abs=0.005)
+    assert record["null"] == "beta-binomial (a=1, b=100)"
+    assert dataset_shift(300, 1000, 1 / 101, 0.001, calibration=(1, 100))["shifted"] is True

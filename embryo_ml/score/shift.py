@@ -9,8 +9,13 @@ the validation energies, `embryo_ml.score.quality.fit_thresholds`). A bundle wit
 no such flag and no shift test: the record says `"available": false` and why.
 
 The test (`dataset_shift`): with n ok images scored, k of them flagged and expected rate r, the
-p-value is P(X >= k) for X ~ Binomial(n, r), exact (log-space sum of the binomial terms; no
-scipy on the scoring path). A run is **shifted** when all three hold:
+p-value is P(X >= k) under the count's law for images like the validation ones, exact
+(log-space sums; no scipy on the scoring path). For a feature-space reference that law is
+beta-binomial: the limit is an order statistic of a finite calibration set, so the bundle's
+true false-alarm rate is itself random, Beta(n + 1 - rank, rank) for n calibration images
+(mean about r, spread about sqrt(r / n)); a binomial with the mean rate would call a clinic's
+own images shifted whenever its few calibration images happened to give a tight limit. For the
+energy limit (older bundles), X ~ Binomial(n, r). A run is **shifted** when all three hold:
 
 - p < `p_limit` (`trust.shift_p` at training time, kept in `Bundle.ood["shift_p"]`; 0.001 by
   default): runs of images like the validation ones are flagged this often less than once in
@@ -39,9 +44,10 @@ from typing import Any
 
 from embryo_ml.export.bundle import Bundle
 
-__all__ = ["DEFAULT_SHIFT_P", "ENERGY_EXPECTED_RATE", "OOD_FLAG", "binomial_tail",
-           "count_flagged", "dataset_shift", "expected_ood_rate", "format_percent",
-           "mostly_flagged_cohorts", "shift_p_limit", "shift_record", "shift_warning"]
+__all__ = ["DEFAULT_SHIFT_P", "ENERGY_EXPECTED_RATE", "OOD_FLAG", "beta_binomial_tail",
+           "binomial_tail", "calibration_null", "count_flagged", "dataset_shift",
+           "expected_ood_rate", "format_percent", "mostly_flagged_cohorts", "shift_p_limit",
+           "shift_record", "shift_warning"]
 
 OOD_FLAG = "out_of_distribution"
 ENERGY_EXPECTED_RATE = 0.01  # the energy limit is the 0.99 quantile of validation energies
@@ -50,6 +56,7 @@ MIN_FLAGGED = 3  # a shifted run has at least this many flagged images ...
 MIN_EXCESS = 2.0  # ... and at least this multiple of the expected share
 COHORT_MIN_SHARE = 0.5  # a cohort is "mostly flagged" from this share of its scored images ...
 COHORT_MIN_FLAGGED = 2  # ... and this many flagged images
+BETA_BINOMIAL_EXACT = 20000  # runs up to this many images get the exact beta-binomial tail
 _NEGLIGIBLE = 60.0  # binomial terms below exp(-60) x the largest one add nothing to a double
 
 
@@ -118,10 +125,63 @@ def _sum_terms(n: int, p: float, indices: range) -> float:
     return math.exp(peak) * math.fsum(math.exp(t - peak) for t in terms)
 
 
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def beta_binomial_tail(k: int, m: int, a: int, b: int) -> float:
+    """P(K >= k) for K ~ BetaBinomial(m, a, b): the count of m new images above a conformal
+    limit, whose false-alarm rate is itself Beta(a, b)-distributed over calibration sets.
+
+    Exact (log-space terms from k up, stopping once they no longer change a double) for m up
+    to BETA_BINOMIAL_EXACT; beyond, K / m is the rate itself to within 1 / sqrt(m), and
+    P(rate >= k / m) = P(Binomial(a + b - 1, k / m) <= a - 1) (integer a, b), a short sum."""
+    if k <= 0:
+        return 1.0
+    if k > m:
+        return 0.0
+    if m > BETA_BINOMIAL_EXACT:
+        x = k / m
+        return 1.0 - binomial_tail(a, a + b - 1, x) if x < 1.0 else 0.0
+    base = math.lgamma(m + 1) - _log_beta(a, b)
+    terms: list[float] = []
+    peak = -math.inf
+    mode = max(0.0, (m * (a - 1)) / max(a + b - 2, 1))
+    for i in range(k, m + 1):
+        term = (base - math.lgamma(i + 1) - math.lgamma(m - i + 1)
+                + _log_beta(i + a, m - i + b))
+        terms.append(term)
+        peak = max(peak, term)
+        if i > mode and term < peak - _NEGLIGIBLE:
+            break
+    return min(1.0, math.exp(peak) * math.fsum(math.exp(t - peak) for t in terms))
+
+
+def calibration_null(bundle: Bundle, precision: str) -> tuple[int, int] | None:
+    """(a, b) of the Beta law of the flag's false-alarm rate over calibration sets, for a
+    feature-space reference whose limit is the rank-th smallest of n calibration scores:
+    a = n + 1 - rank, b = rank (`embryo_ml.score.trust.conformal_limit`); None otherwise."""
+    ood = bundle.ood or {}
+    n, alpha = ood.get("n_calibration"), _rate(ood.get("alpha"))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or alpha is None:
+        return None
+    if precision not in (ood.get("limits") or {}):
+        return None
+    rank = min(math.ceil((n + 1) * (1.0 - alpha)), n)
+    return n + 1 - rank, rank
+
+
 def dataset_shift(n_flagged: int, n_scored: int, expected_rate: float,
-                  p_limit: float = DEFAULT_SHIFT_P) -> dict[str, Any]:
+                  p_limit: float = DEFAULT_SHIFT_P,
+                  calibration: tuple[int, int] | None = None) -> dict[str, Any]:
     """The shift test of a run (module docstring): a JSON-safe record with `shifted`, the
-    counts, the flagged and expected shares, the one-sided binomial p-value and its limit."""
+    counts, the flagged and expected shares, the one-sided p-value and its limit.
+
+    `calibration` (a, b from `calibration_null`): the limit came from a finite calibration
+    set, so the false-alarm rate of this bundle is not exactly `expected_rate` but
+    Beta(a, b)-distributed around it; the p-value is then the beta-binomial tail, which keeps
+    a bundle whose few calibration images happened to give a tight limit from calling its own
+    clinic's images shifted. Without it (energy limits), the binomial tail."""
     if not 0 <= n_flagged <= n_scored:
         raise ValueError(f"need 0 <= n_flagged <= n_scored, got {n_flagged} of {n_scored}")
     if not 0.0 < expected_rate < 1.0:
@@ -129,12 +189,16 @@ def dataset_shift(n_flagged: int, n_scored: int, expected_rate: float,
     if not 0.0 < p_limit < 1.0:
         raise ValueError(f"p_limit must be in (0, 1), got {p_limit}")
     share = n_flagged / n_scored if n_scored else 0.0
-    p_value = binomial_tail(n_flagged, n_scored, expected_rate)
+    if calibration is None:
+        p_value, null = binomial_tail(n_flagged, n_scored, expected_rate), "binomial"
+    else:
+        p_value = beta_binomial_tail(n_flagged, n_scored, *calibration)
+        null = f"beta-binomial (a={calibration[0]}, b={calibration[1]})"
     shifted = (p_value < p_limit and share >= MIN_EXCESS * expected_rate
                and n_flagged >= MIN_FLAGGED)
     return {"shifted": bool(shifted), "n_scored": int(n_scored), "n_flagged": int(n_flagged),
             "share_flagged": share, "expected_share": float(expected_rate),
-            "p_value": p_value, "p_limit": float(p_limit)}
+            "p_value": p_value, "p_limit": float(p_limit), "null": null}
 
 
 def _flags(value: object) -> Sequence[str]:
@@ -170,7 +234,8 @@ def shift_record(bundle: Bundle, precision: str, rows: Iterable[Mapping[str, Any
                 "reason": "the bundle has no out_of_distribution flag (no feature-space "
                           "reference and no energy limit), so dataset shift cannot be tested"}
     n_flagged, n_scored = count_flagged(rows)
-    return {"available": True, **dataset_shift(n_flagged, n_scored, rate, shift_p_limit(bundle))}
+    return {"available": True, **dataset_shift(n_flagged, n_scored, rate, shift_p_limit(bundle),
+                                               calibration_null(bundle, precision))}
 
 
 def mostly_flagged_cohorts(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
