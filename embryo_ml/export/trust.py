@@ -14,6 +14,7 @@ the bundle's `ood` stays None (the energy of the logits is then the only signal)
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -128,6 +129,11 @@ def build_reference(
     for name in models:
         scores = knn_distance(calibration[name], vectors[name], trust.ood_k)
         limits[name], rates[name] = conformal_limit(scores, trust.ood_alpha)
+    refit = _is_refit(run_dir)
+    if refit:
+        log.warning("out-of-distribution limit: this run was refit on its validation images "
+                    "(train.refit), so they are not new to the model; the limit may be tight "
+                    "and flag more than %.0f%% of images like them", 100 * trust.ood_alpha)
     path = staging / REFERENCE_FILE
     with open(path, "wb") as handle:
         np.savez(handle, **vectors)
@@ -138,7 +144,15 @@ def build_reference(
             "feature_output": FEATURE_OUTPUT, "k": trust.ood_k, "alpha": trust.ood_alpha,
             "shift_p": trust.shift_p, "n_reference": n_ref, "n_calibration": n_cal,
             "feature_dim": int(vectors["fp32"].shape[1]), "limits": limits,
-            "expected_rate": rates}
+            "expected_rate": rates, "calibration_seen_in_training": refit}
+
+
+def _is_refit(run_dir: Path) -> bool:
+    """Whether best.pt was refit on train + validation (`metrics.json` has "refit")."""
+    try:
+        return bool(json.loads((run_dir / "metrics.json").read_text()).get("refit"))
+    except (OSError, ValueError):
+        return False
 
 
 def conformal_record(run_dir: Path, classes: Sequence[str], alpha: float) -> dict[str, Any] | None:
