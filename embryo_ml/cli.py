@@ -1,7 +1,8 @@
 """`embryo-ml` command line. Thin: parse, call one library function, print the outcome.
 
 Heavy modules are imported inside each subcommand, so `embryo-ml score` never loads torch or
-mlflow. Every user-caused problem ends as one line on stderr and exit status 2.
+mlflow. Every user-caused problem ends as one line on stderr and exit status 2 (`main`);
+`--debug` or EMBRYO_ML_DEBUG=1 shows its traceback too.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 from embryo_ml.errors import EmbryoMLError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+DEBUG_ENV = "EMBRYO_ML_DEBUG"  # =1: tracebacks for user errors too, as --debug
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -29,9 +33,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _resumed_data(run_dir: Path) -> str:
+    """The data an interrupted run trained on, as its run.json records it."""
     import json
 
+    try:
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except ValueError as error:  # not JSON, not UTF-8
+        raise EmbryoMLError(f"--resume {run_dir}: run.json is damaged ({error}); pass the "
+                            "training data with --data") from None
+    data = record.get("data") if isinstance(record, dict) else None
+    if not isinstance(data, str) or not data:
+        raise EmbryoMLError(f"--resume {run_dir}: run.json names no training data; pass it "
+                            "with --data")
+    return data
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from embryo_ml.config import load_config
 
     data = args.data
@@ -42,7 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise EmbryoMLError(f"--resume {run_dir}: not an interrupted training run "
                                 "(no last.pt / run.json)")
         cfg = load_config(run_dir / "config.yaml", args.set)
-        data = data or json.loads((run_dir / "run.json").read_text())["data"]
+        data = data or _resumed_data(run_dir)
     else:
         cfg = load_config(args.config, args.set)  # fails here, before any import of torch
         if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -163,6 +181,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.register is not None:
         check_registrable(validation, args.run_dir)
     check_exportable(validation, args.run_dir, args.allow_failed_validation)
+    signing_key = None
+    if args.sign is not None:  # a bad key file fails now, not after the export
+        from embryo_ml.export.signing import load_private_key
+
+        signing_key = load_private_key(args.sign)
     log_model = args.log_model or args.register is not None
     uri = None
     if log_model:
@@ -188,6 +211,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"int8 model for fast CPU scoring: max probability difference to fp32 "
               f"{bundle.int8['max_abs_diff']:.4f} on {bundle.int8['parity_images']} validation "
               f"images (tolerance {bundle.int8['tolerance']})")
+    if signing_key is not None:  # before logging, so the logged bundle carries its signature
+        from embryo_ml.export.signing import key_id, sign_bundle
+
+        signature = sign_bundle(bundle.path, signing_key)
+        print(f"signed with key {key_id(signing_key.public_key())} -> {signature}")
     if log_model:
         from embryo_ml.export.pyfunc import log_bundle_model
 
@@ -200,12 +228,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_trusted(bundle: Path, keys: list[Path]) -> None:
+    """`--trusted-key`: refuse, before any work, a bundle not signed by one of `keys`."""
+    if not keys:
+        return
+    from embryo_ml.export.signing import verify_bundle
+
+    _, signer = verify_bundle(bundle, keys)
+    print(f"bundle signed by trusted key {signer.key_id} ({signer.source.name})")
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from embryo_ml.score.scorer import ScoringInterrupted, score_images
     from embryo_ml.score.shift import shift_warning
 
     if args.report is not None and args.report.is_dir():  # before the work, not after it
         raise EmbryoMLError(f"--report {args.report} is a folder; give an .html file name")
+    _check_trusted(args.bundle, args.trusted_key)
     try:
         summary = score_images(args.images, args.bundle, args.out, batch_size=args.batch_size,
                                workers=args.workers, threads=args.threads,
@@ -245,8 +284,28 @@ def _write_report(args: argparse.Namespace, scores: Path, images: Path | None) -
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    _check_trusted(args.bundle, args.trusted_key)
     _write_report(args, args.scores, args.images)
     _warn_about_bundle(args.bundle)  # after the work: an error stays the only line
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from embryo_ml.export.signing import generate_key_pair
+
+    private, public, key = generate_key_pair(args.out)
+    print(f"key {key}: private key {private} (keep it with whoever exports bundles; never "
+          f"send it), public key {public} (give it to every place that scores, for "
+          "--trusted-key)")
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from embryo_ml.export.signing import key_id, load_private_key, sign_bundle
+
+    key = load_private_key(args.key)
+    signature = sign_bundle(args.bundle, key)
+    print(f"signed bundle {args.bundle} with key {key_id(key.public_key())} -> {signature}")
     return 0
 
 
@@ -261,9 +320,23 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_file(path: Path, option: str) -> Path:
+    """Before any work: `path` is not a folder and its folder exists, created when missing (as
+    score, report and explain do for theirs); an impossible one is a one-line error."""
+    if path.is_dir():
+        raise EmbryoMLError(f"{option} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EmbryoMLError(f"{option} {path}: cannot create the folder {path.parent} "
+                            f"({error.strerror or error})") from None
+    return path
+
+
 def _cmd_data_manifest(args: argparse.Namespace) -> int:
     from embryo_ml.data.manifest import build_manifest, write_manifest
 
+    _output_file(args.out, "--out")
     table = build_manifest(args.source, args.pattern, out=args.out,
                            label_from_folder=True if args.label_from_folder else None,
                            allow_unmatched=args.allow_unmatched)
@@ -277,6 +350,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     from embryo_ml.data.manifest import load_labelled, write_manifest
     from embryo_ml.data.splits import make_splits
 
+    _output_file(args.out, "--out")
     table = load_labelled(args.manifest)
     splits = make_splits(table, folds=args.folds, test_fraction=args.test_fraction,
                          seed=args.seed)
@@ -297,7 +371,10 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from embryo_ml.data.check import check_data, format_report
     from embryo_ml.data.manifest import load_table, read_manifest
     from embryo_ml.data.splits import split_parts
+    from embryo_ml.fileio import atomic_write_text
 
+    if args.json:
+        _output_file(args.json, "--json")  # before the check, not after it
     table = load_table(args.data)
     splits = None
     if args.splits:
@@ -307,7 +384,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     print(format_report(report))
     if args.json:
-        args.json.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(report.to_json(), indent=2))
         print(f"wrote {args.json}")
     return 0 if report.ok(allow=args.allow) else 1
 
@@ -324,11 +401,28 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+def _whole(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _add_trusted_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-key", type=Path, action="append", default=[], metavar="PUB",
+                        help="refuse a bundle that is not signed by this public key (a PEM "
+                        "file, or a folder of *.pub/*.pem keys; repeatable)")
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -338,19 +432,29 @@ def _add_report_options(parser: argparse.ArgumentParser) -> None:
                         help="embed pictures for at most N images in the report (default 1000)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported as the house's one `error:` line
+    and exit status 2 (not the usage block; `--help` shows that). Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="embryo-ml", description="Train, export and run IVF embryo image classifiers."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback behind an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a synthetic embryo data set with a manifest")
     p.add_argument("out", type=Path)
-    p.add_argument("--n", type=int, default=1000, help="number of images")
+    p.add_argument("--n", type=_positive, default=1000, help="number of images")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (64-256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--focal-planes", type=int, default=1, help="images per embryo")
+    p.add_argument("--focal-planes", type=_positive, default=1, help="images per embryo")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a model; tracked in MLflow")
@@ -395,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path("augment_preview.png"))
-    p.add_argument("--images", type=int, default=6)
-    p.add_argument("--draws", type=int, default=7)
+    p.add_argument("--images", type=_positive, default=6)
+    p.add_argument("--draws", type=_positive, default=7)
     _add_overrides(p)
     p.set_defaults(func=_cmd_augment_preview)
 
@@ -416,7 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a run that failed its validation check, for inspection only: "
                    "bundle.json records it, score and the report warn on every use, and it "
                    "can never be registered")
+    p.add_argument("--sign", type=Path, metavar="KEY",
+                   help="sign the bundle with this Ed25519 private key (PEM, from `embryo-ml "
+                   "keygen`): writes bundle.sig, checked by score/report --trusted-key")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", type=Path, required=True, metavar="PREFIX",
+                   help="writes PREFIX.key (private, owner-only) and PREFIX.pub (public); "
+                   "encrypted when $EMBRYO_ML_KEY_PASSPHRASE is set")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign an existing bundle (e.g. with a new key)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    p.set_defaults(func=_cmd_sign)
 
     p = sub.add_parser("score", help="score a folder (recursive) or a manifest CSV of images")
     p.add_argument("images", type=Path)
@@ -433,16 +551,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embryo-pattern", metavar="REGEX",
                    help="regex searched in each image's path, named group embryo_id and "
                    "optionally patient_id, e.g. '(?P<embryo_id>\\d+)_(?P<focal_plane>-?\\d+)'")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="decoding threads")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--workers", type=_positive, default=None, help="decoding threads")
+    p.add_argument("--threads", type=_count, default=None,
+                   help="ONNX Runtime intra-op threads (0 = one per core)")
     p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
                    help="model to score with: auto = the bundle's int8 model when it has one "
                    "(2-3x faster on CPU, checked against fp32 at export), else fp32")
-    p.add_argument("--max-pixels", type=int, default=64_000_000,
+    p.add_argument("--max-pixels", type=_positive, default=64_000_000,
                    help="refuse images with more pixels (decompression-bomb guard)")
     p.add_argument("--report", type=Path, metavar="HTML",
                    help="also write the HTML report (one self-contained file) when done")
+    _add_trusted_key(p)
     _add_report_options(p)
     p.set_defaults(func=_cmd_score)
 
@@ -453,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG: the image and its heatmap overlay side by side")
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="show the evidence for this class (default: the predicted class)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=_count, default=None,
+                   help="ONNX Runtime intra-op threads (0 = one per core)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="HTML report of a scores file (self-contained, offline)")
@@ -464,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None,
                    help="the folder (or manifest CSV) that was scored: image paths in the "
                    "scores are relative to it (default: the scores file's folder)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=_count, default=None,
+                   help="ONNX Runtime intra-op threads (0 = one per core)")
+    _add_trusted_key(p)
     _add_report_options(p)
     p.set_defaults(func=_cmd_report)
 
@@ -494,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", type=Path, help="manifest CSV or folder-per-class tree")
     p.add_argument("--splits", type=Path, help="splits.csv to check for leakage")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
-    p.add_argument("--near-threshold", type=int, default=4,
+    p.add_argument("--near-threshold", type=_count, default=4,
                    help="max differing bits of the perceptual hash for a near-duplicate")
     p.add_argument("--allow", action="store_true",
                    help="exit 0 even with unreadable files or leakage")
@@ -507,14 +630,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(error: BaseException) -> str:
+    """One line for a user's problem: the message of an `EmbryoMLError` (lines joined), or for
+    a file-system error (`OSError`: a missing or read-only folder, a full disk, no permission)
+    what the system said and the file(s), `No such file or directory (out/x.csv)`."""
+    if isinstance(error, OSError) and error.strerror:
+        files = [os.fsdecode(f) for f in (error.filename, error.filename2) if f is not None]
+        text = error.strerror + (f" ({', '.join(files)})" if files else "")
+    else:
+        text = str(error) or error.__class__.__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _debug_requested(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get(DEBUG_ENV, "").strip().lower() in (
+        "1", "true", "yes", "on")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user's problem (`EmbryoMLError`, raised where user input is read, and
+    any `OSError` from the file system) ends as one `error:` line on stderr and exit status 2;
+    `--debug` or EMBRYO_ML_DEBUG=1 prints its traceback first. Anything else is a bug and keeps
+    its traceback (exit status 1)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("embryo_ml").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except EmbryoMLError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (EmbryoMLError, OSError) as error:
+        if _debug_requested(args):
+            traceback.print_exc()
+        print(f"error: {_error_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: rows and checkpoints finished so far are kept", file=sys.stderr)

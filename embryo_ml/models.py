@@ -41,19 +41,33 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"model.pretrained_file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:  # corrupt, truncated, not one
+            raise ConfigError(f"cannot load weights from {path}: not a readable safetensors "
+                              f"file ({_first_line(error)})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle refusals and corrupt files alike
-        raise ConfigError(f"cannot load weights from {path}: {error}") from None
+        reason = _first_line(error)
+        if "weights only load failed" in reason.lower():  # torch's advice is to unpickle it
+            reason = ("not a plain file of tensors (it needs pickle, which is never loaded from "
+                      "outside: convert it to .safetensors where it came from)")
+        raise ConfigError(f"cannot load weights from {path}: {reason}") from None
     for key in ("state_dict", "model", "model_state"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise ConfigError(f"{path}: expected a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's weights-only refusal runs to a page)."""
+    return next(iter(str(error).strip().splitlines()), "") or error.__class__.__name__
 
 
 def load_pretrained_file(model: nn.Module, path: str | Path) -> None:

@@ -8,6 +8,8 @@ A uniform image of colour (r, g, b) has mean_rgb = (v / 127.5 - 1 for v in (r, g
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,14 @@ import numpy as np
 from PIL import Image
 
 from embryo_ml.data.preprocess import RESIZE_POLICY
-from embryo_ml.export.bundle import Bundle, file_sha256, write_bundle_json
+from embryo_ml.export.bundle import (
+    BUNDLE_FILE,
+    IDENTITY_FIELD,
+    Bundle,
+    bundle_identity,
+    file_sha256,
+    write_bundle_json,
+)
 
 
 def make_fake_bundle(
@@ -58,6 +67,20 @@ def make_fake_bundle(
                     sha256=file_sha256(folder / "model.onnx"), temperature=temperature,
                     heads=heads, resize_policy=resize_policy)
     write_bundle_json(bundle, folder)
+    return folder
+
+
+def rewrite_bundle_json(folder: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Edit `folder/bundle.json` as a person would (`change` edits the loaded object in place,
+    may delete keys or write values no `Bundle` holds) and record the edited object's identity,
+    as `write_bundle_json` does. For tests that need such a bundle.json (a key missing, as in
+    bundles from older versions, or a malformed record): a hand edit without the new identity
+    is refused as a modified bundle. Prefer `dataclasses.replace` + `write_bundle_json`."""
+    path = folder / BUNDLE_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    data[IDENTITY_FIELD] = bundle_identity(data)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return folder
 
 

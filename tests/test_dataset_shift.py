@@ -3,8 +3,9 @@ the expected rate a bundle implies, the record in the scoring sidecar, the one `
 of `embryo-ml score`, and the report's red banner and list of mostly flagged patients.
 
 End to end, the session's tiny trained bundle is copied and its `out_of_distribution` limit in
-bundle.json (not covered by the model hash) is moved below (or above) every image's energy, so
-that every image is flagged (or none is), on real synthetic images.
+bundle.json is moved below (or above) every image's energy (its identity recomputed, as
+`tests.fake_bundle.rewrite_bundle_json` does), so that every image is flagged (or none is), on
+real synthetic images.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from embryo_ml.score.shift import (
     shift_warning,
 )
 from embryo_ml.score.writers import settings_path
-from tests.fake_bundle import make_fake_bundle
+from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
 from tests.test_report import _browser, _Page, _row, _write_scores
 
 SHIFT_PREFIX = "warning: dataset shift:"
@@ -181,16 +182,17 @@ def _bundle_copy(bundle_dir: Path, folder: Path, limit: float | None,
     (so no other warning or banner); `keep_ood=False`: as a bundle from before the feature
     reference, whose only signal is the energy."""
     copy = shutil.copytree(bundle_dir, folder)
-    meta = json.loads((copy / "bundle.json").read_text())
-    assert meta["quality"] is not None, "the session bundle has quality thresholds"
-    meta["quality"]["ood_energy_max"] = limit
-    if not keep_ood:
-        meta.pop("ood", None)
-    elif meta.get("ood") and limit is not None:
-        meta["ood"]["limits"] = {k: limit for k in meta["ood"].get("limits", {})}
-    meta.pop("validation", None)
-    (copy / "bundle.json").write_text(json.dumps(meta))
-    return copy
+
+    def change(meta: dict) -> None:
+        assert meta["quality"] is not None, "the session bundle has quality thresholds"
+        meta["quality"]["ood_energy_max"] = limit
+        if not keep_ood:
+            meta.pop("ood", None)
+        elif meta.get("ood") and limit is not None:
+            meta["ood"]["limits"] = {k: limit for k in meta["ood"].get("limits", {})}
+        meta.pop("validation", None)
+
+    return rewrite_bundle_json(copy, change)  # a hand edit, with its identity recomputed
 
 
 @pytest.fixture(scope="module")
@@ -367,9 +369,8 @@ def test_report_lists_a_mostly_flagged_patient_of_a_run_that_is_not_shifted(
 ) -> None:
     bundle = make_fake_bundle(tmp_path / "bundle", np.array([[2.0, 0.0], [0.0, 1.0],
                                                              [0.0, 0.0]]))
-    meta = json.loads((bundle / "bundle.json").read_text())
-    meta["quality"] = {"blur_min": 0.0, "ood_energy_max": 0.0}
-    (bundle / "bundle.json").write_text(json.dumps(meta))
+    rewrite_bundle_json(bundle, lambda meta: meta.update(
+        quality={"blur_min": 0.0, "ood_energy_max": 0.0}))
     rows = [_row(f"p{i}/a.png", f"P{i}", "E1", 0.5, 1) for i in range(2, 40)]
     rows += [_row("p1/a.png", "P1", "E1", 0.6, 1, "out_of_distribution"),
              _row("p1/b.png", "P1", "E2", 0.4, 2, "blurry;out_of_distribution"),

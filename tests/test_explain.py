@@ -4,7 +4,6 @@ synthetic embryos (most of it inside the zona)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from embryo_ml.export.bundle import Bundle, file_sha256, read_bundle, write_bund
 from embryo_ml.score import explain as ex
 from embryo_ml.score.scorer import OnnxScorer, ScoreItem, batch_rows, load_item
 from tests.conftest import TINY_MODEL, write_image
-from tests.fake_bundle import make_fake_bundle
+from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,10 +129,7 @@ def test_export_goes_on_without_cam_when_the_cam_fails(
 def _old_bundle(folder: Path) -> Path:
     """A bundle as written before `cam_output` existed (no such key in bundle.json)."""
     make_fake_bundle(folder, weights=np.eye(3, 2, dtype=np.float32))
-    meta = json.loads((folder / "bundle.json").read_text())
-    del meta["cam_output"]
-    (folder / "bundle.json").write_text(json.dumps(meta))
-    return folder
+    return rewrite_bundle_json(folder, lambda meta: meta.pop("cam_output"))
 
 
 def test_old_bundle_reads_and_has_no_heatmap(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -29,7 +29,7 @@ from embryo_ml.export.model_card import (
 )
 from embryo_ml.report.html import write_report
 from embryo_ml.score.scorer import score_columns
-from tests.fake_bundle import make_fake_bundle
+from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -264,9 +264,8 @@ def test_a_run_without_train_images_or_trust_settings_still_gets_a_card(tmp_path
 def test_a_bundle_without_a_card_reads_and_reports(tmp_path: Path) -> None:
     folder = make_fake_bundle(tmp_path / "bundle", np.array([[2.0, 0.0], [0.0, 1.0],
                                                              [0.0, 0.0]]))
-    data = json.loads((folder / BUNDLE_FILE).read_text())
-    data.pop("model_card", None)  # as bundles exported before model cards were written
-    (folder / BUNDLE_FILE).write_text(json.dumps(data))
+    # as bundles exported before model cards were written
+    rewrite_bundle_json(folder, lambda data: data.pop("model_card", None))
     bundle = read_bundle(folder)
     assert bundle.model_card is None
     page = write_report(_scores(tmp_path, bundle.classes), bundle, tmp_path / "r.html",

@@ -39,9 +39,10 @@ def _mlflow_cli() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "mlflow"]
 
 
-def _env(tracking_uri: str) -> dict[str, str]:
+def _env(tracking_uri: str, allowed_root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["EMBRYO_ML_ALLOWED_ROOTS"] = str(allowed_root)  # served models read no path without it
     # `mlflow models serve` starts `uvicorn` by name: the venv's bin must be on PATH (activated).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -107,7 +108,7 @@ def _check(predictions: pd.DataFrame, images: dict, classes: list[str]) -> None:
         assert got["flags"] == want["flags"]
     statuses = list(predictions["status"])
     assert statuses[4].startswith("unreadable: invalid base64")
-    assert statuses[5] == "unreadable: file not found"
+    assert statuses[5] == "unreadable: path not allowed"  # says nothing of what exists
     assert statuses[6].startswith("no input")
     for position in (4, 5, 6):
         assert predictions.iloc[position]["score"] is None or pd.isna(
@@ -127,7 +128,8 @@ def test_pyfunc_in_process_matches_the_scorer(
     assert model.tags["embryo_ml.bundle_sha256"] == read_bundle(bundle_dir).sha256
 
     mlflow.set_tracking_uri(uri)  # models:/ resolves through the global URI (reset after)
-    loaded = mlflow.pyfunc.load_model(logged.model_uri)
+    loaded = mlflow.pyfunc.load_model(logged.model_uri,
+                                      model_config={"allowed_roots": [str(images["folder"])]})
     predictions = loaded.predict(_request(images))
     _check(predictions, images, read_bundle(bundle_dir).classes)
     schema = loaded.metadata.get_input_schema()
@@ -168,7 +170,7 @@ def test_mlflow_models_predict_cli(logged: LoggedBundleModel, images: dict, trai
     command = [*_mlflow_cli(), "models", "predict", "-m", logged.model_uri,
                "-i", str(tmp_path / "input.json"), "-t", "json", "--env-manager", "local",
                "-o", str(tmp_path / "out.json")]
-    done = subprocess.run(command, cwd=tmp_path, env=_env(trained_run["uri"]),
+    done = subprocess.run(command, cwd=tmp_path, env=_env(trained_run["uri"], images["folder"]),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answer = _strict_json((tmp_path / "out.json").read_text())
@@ -213,9 +215,10 @@ def test_mlflow_models_serve_invocations(logged: LoggedBundleModel, images: dict
                "-h", "127.0.0.1", "-w", "1", "--env-manager", "local"]
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, env=_env(trained_run["uri"]),
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(command, cwd=tmp_path,
+                                   env=_env(trained_run["uri"], images["folder"]), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
     try:
         deadline = time.monotonic() + SERVE_START_TIMEOUT_S
         while not _ping(url):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from embryo_ml.cli import main
-from embryo_ml.data.cache import DecodedCache
+from embryo_ml.data.cache import ENTRY_SUFFIX, DecodedCache
 from embryo_ml.data.images import read_image
 from embryo_ml.data.manifest import build_manifest, read_manifest
 from embryo_ml.data.preprocess import resize_square
@@ -200,9 +200,11 @@ def test_cache_is_filled_safely_by_several_loader_workers(
                              f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
                              "tracking.log_checkpoint=false"])
     result = fit(cfg, synth_data, tmp_path / "run", progress=False)
-    entries = list(cache_dir.rglob("*.npy"))
-    assert len(entries) == 120 and not list(cache_dir.rglob("*.tmp"))
-    assert all(np.load(e, mmap_mode="r").shape == (32, 32, 3) for e in entries)
+    entries = list(cache_dir.rglob(f"*{ENTRY_SUFFIX}"))
+    assert len(entries) == 120 and not list(cache_dir.rglob(".*"))  # no temporary file left
+    reader = DecodedCache(cache_dir, 32)  # every entry whole: header, size and checksum
+    assert all(reader.load(p).shape == (32, 32, 3) for p in read_manifest(synth_data)["path"])
+    assert (reader.hits, reader.misses) == (120, 0)
     assert result.metrics["epochs_run"] == 2
 
 

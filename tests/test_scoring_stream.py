@@ -22,6 +22,7 @@ import pytest
 import embryo_ml.score.scorer as scorer_module
 from embryo_ml.cli import main
 from embryo_ml.score.scorer import ScoringInterrupted, score_images
+from embryo_ml.score.writers import partial_path
 from tests.fake_bundle import make_fake_bundle, uniform_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,12 +256,15 @@ def test_sigterm_in_process_stops_cleanly_and_resumes(
         score_images(manifest, fake_bundle, out, batch_size=4, workers=1, progress=False)
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     assert stopped.value.summary.n_images == 12  # the batch in hand was finished
-    partial = read_any(out)  # a valid file (Parquet converted) with every finished row
+    # every finished row in a valid partial file (JSON Lines for Parquet), named by the summary;
+    # `out` appears only when a run has finished
+    log = tmp_path / f"scores{ext}.partial{'.jsonl' if ext == '.parquet' else ext}"
+    assert stopped.value.summary.out == log == partial_path(out)
+    partial = read_any(log)
     assert len(partial) == 12 and partial["path"].is_unique
     assert set(partial["path"]) <= set(reference["path"])
     assert (partial["rank_in_cohort"] == "").all()  # no ranks from a partial cohort
-    assert not (tmp_path / f"scores.embryos{ext}").exists()
-    assert (tmp_path / f"scores{ext}.partial.jsonl").exists() == (ext == ".parquet")
+    assert not out.exists() and not (tmp_path / f"scores.embryos{ext}").exists()
     monkeypatch.undo()
     summary = score_images(manifest, fake_bundle, out, batch_size=4, progress=False, resume=True)
     assert summary.n_resumed == 12
@@ -276,7 +280,7 @@ def test_second_signal_stops_at_once_and_keeps_whole_batches(
     _interrupt_after(monkeypatch, calls=3, signals=2)  # the second raises inside batch 3
     with pytest.raises(ScoringInterrupted):
         score_images(manifest, fake_bundle, out, batch_size=4, workers=1, progress=False)
-    assert len(read_any(out)) == 8  # batches 1 and 2; batch 3 was never written
+    assert len(read_any(partial_path(out))) == 8  # batches 1 and 2; batch 3 was never written
 
 
 def _copies(synth_data: Path, folder: Path, times: int) -> int:
@@ -297,7 +301,7 @@ def _start(args: list[str]) -> subprocess.Popen:
 def _wait_for_rows(out: Path, process: subprocess.Popen, rows: int = 2) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        log = out if out.suffix != ".parquet" else out.with_name(out.name + ".partial.jsonl")
+        log = partial_path(out)  # rows are appended there until the run has finished
         if log.exists() and log.read_bytes().count(b"\n") >= rows + 1:
             return
         assert process.poll() is None, process.communicate()
@@ -324,7 +328,8 @@ def test_sigterm_subprocess_keeps_a_valid_file_then_resume_completes(
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "--resume" in err and "interrupted" in err
-    partial = read_any(out)
+    assert str(partial_path(out)) in err  # where the finished rows are
+    partial = read_any(partial_path(out))
     assert 0 < len(partial) < n, "the run ended before SIGTERM arrived: give it more images"
     assert partial["path"].is_unique and (partial["status"] == "ok").all()
     expected = {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")}

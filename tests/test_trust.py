@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 
 from embryo_ml.errors import BundleError
-from embryo_ml.export.bundle import read_bundle
+from embryo_ml.export.bundle import read_bundle, write_bundle_json
 from embryo_ml.score.conformal import conformal_flags, fit_conformal, prediction_sets
 from embryo_ml.score.trust import FeatureReference, conformal_limit, knn_distance, normalise
 from tests.conftest import GATE_UNDECIDED, SHARED_DATA, TINY_MODEL
@@ -208,8 +209,7 @@ def test_a_tampered_reference_is_refused(trust_run: dict, tmp_path: Path) -> Non
         np.savez(handle, **arrays)
     with pytest.raises(BundleError, match="hash mismatch for ood_reference.npz"):
         read_bundle(copy)
-    meta = json.loads((copy / "bundle.json").read_text())
-    meta["ood"]["file"] = "../elsewhere.npz"
-    (copy / "bundle.json").write_text(json.dumps(meta))
+    bundle = read_bundle(copy, verify=False)
+    write_bundle_json(replace(bundle, ood={**bundle.ood, "file": "../elsewhere.npz"}), copy)
     with pytest.raises(BundleError, match="plain 'file' name"):
         read_bundle(copy)

@@ -26,7 +26,7 @@ from embryo_ml.errors import BundleError, ValidationFailedError
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.report.html import VALIDATION_BANNER, write_report
 from embryo_ml.score.scorer import score_images
-from tests.fake_bundle import make_fake_bundle
+from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
 from tests.test_report import _browser, _Page
 
 FAILED_REASON = "validation ROC AUC 0.52 (95% CI 0.41-0.63) does not beat chance by the margin"
@@ -71,12 +71,13 @@ def _lines(text: str) -> list[str]:
 
 
 def _set_validation(bundle: Path, validation: object, drop: bool = False) -> None:
-    meta = json.loads((bundle / "bundle.json").read_text())
-    if drop:
-        meta.pop("validation", None)
-    else:
-        meta["validation"] = validation
-    (bundle / "bundle.json").write_text(json.dumps(meta))
+    def change(meta: dict[str, Any]) -> None:
+        if drop:
+            meta.pop("validation", None)
+        else:
+            meta["validation"] = validation
+
+    rewrite_bundle_json(bundle, change)  # a malformed record too, with a valid identity
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +278,7 @@ def test_score_warns_in_one_line_and_still_scores(
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory, exported: dict, images: Path) -> dict:
     """A report of real scores for each verdict; `passed` is the inconclusive bundle with its
-    record rewritten (the model hash does not cover bundle.json's record)."""
+    record rewritten (and its identity recomputed: `rewrite_bundle_json`)."""
     root = tmp_path_factory.mktemp("gate-reports")
     passed = shutil.copytree(exported["inconclusive"].bundle, root / "passed-bundle")
     _set_validation(passed, PASSED)

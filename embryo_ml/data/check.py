@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from embryo_ml.data.images import DEFAULT_MAX_PIXELS, read_image
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, read_image
 from embryo_ml.errors import DataError, ImageReadError
 
 COUNT_COLUMNS = ("label", "day", "patient_id")
@@ -192,7 +192,8 @@ def _inspect(path: str, max_pixels: int) -> _ImageInfo:
         image = read_image(path, max_pixels=max_pixels)
         with open(path, "rb") as handle:
             info.sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-        with Image.open(path) as stored:  # header only: the mode as stored, before conversion
+        # header only: the mode as stored, before conversion (of a file the reader accepted)
+        with Image.open(path, formats=IMAGE_FORMATS) as stored:
             info.mode = stored.mode
     except ImageReadError as error:
         info.error = error.reason

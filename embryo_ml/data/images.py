@@ -4,6 +4,11 @@ Clinics export 8-bit JPEG/PNG, 16-bit TIFF from camera software, grayscale store
 screenshots and palette PNGs. Everything downstream (training, scoring, reports) sees one format:
 an (H, W, 3) uint8 array. A file that cannot be decoded raises `ImageReadError` naming the file
 and the reason, so callers can record it and carry on.
+
+Only `IMAGE_FORMATS` (JPEG, PNG, TIFF, BMP) are decoded, whatever the file is named: Pillow and
+OpenCV both pick a decoder by content, and a format nobody exports from a microscope (EPS, which
+Pillow hands to Ghostscript; GIF, WEBP, PSD, ...) is only attack surface. Such content is refused
+as `unsupported format <NAME>`, named by Pillow's signature checks without being parsed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from embryo_ml.errors import ImageReadError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+# The Pillow formats every image is opened with (`Image.open(..., formats=IMAGE_FORMATS)`),
+# most common first: Pillow tries them in this order.
+IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 ORIENTATION_TAG = 0x0112  # EXIF orientation
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -119,7 +127,7 @@ def _decode(
     """The decoder behind `read_image` and `read_image_bytes`; `name` goes into errors,
     `data` is the encoded file when the caller holds it (JPEGs: see `_decode_jpeg`)."""
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageReadError(
@@ -143,10 +151,11 @@ def _decode(
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(name, "not a readable image (unknown or corrupt format)") from None
+        raise ImageReadError(name, _unidentified_reason(source, data)) from None
     except Image.DecompressionBombError:
         raise ImageReadError(name, "image too large (decompression bomb guard)") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, TypeError) as error:
+        # TypeError: Pillow's TIFF reader on a file without width/height ("Missing dimensions")
         reason = str(error) or error.__class__.__name__
         if "truncated" in reason.lower():
             reason = "truncated or corrupt image data"
@@ -154,6 +163,31 @@ def _decode(
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageReadError(name, f"unexpected decoded shape {array.shape}")
     return np.ascontiguousarray(array)
+
+
+def _unidentified_reason(source: Path | io.BytesIO, data: bytes | None) -> str:
+    """Why Pillow found no `IMAGE_FORMATS` decoder: the format the content has by Pillow's
+    signature checks (`accept`, a look at the first bytes, no parsing), else unknown/corrupt."""
+    try:
+        if data is not None or isinstance(source, io.BytesIO):
+            prefix = (data if data is not None else source.getvalue())[:16]  # type: ignore[union-attr]
+        else:
+            with source.open("rb") as file:
+                prefix = file.read(16)
+    except OSError:
+        prefix = b""
+    Image.init()  # registers every plugin's signature check (importing, not opening)
+    for name in (*IMAGE_FORMATS, *(f for f in Image.ID if f not in IMAGE_FORMATS)):
+        accept = Image.OPEN[name][1] if name in Image.OPEN else None
+        try:
+            detected = bool(accept and prefix and accept(prefix))
+        except Exception:  # a signature check that cannot read this prefix
+            detected = False
+        if detected:
+            if name in IMAGE_FORMATS:  # its signature, but not decodable
+                break
+            return f"unsupported format {name}"
+    return "not a readable image (unknown or corrupt format)"
 
 
 def jpeg_scale(size: tuple[int, int], min_side: int | None) -> int:
@@ -190,8 +224,8 @@ def _decode_jpeg(
     end with the end-of-image marker, so a truncated file gets Pillow's clear refusal instead of
     OpenCV's grey-filled remainder.
     """
-    if mode not in ("RGB", "L") or not data.endswith(JPEG_END):
-        return None
+    if mode not in ("RGB", "L") or not data.startswith(JPEG_MAGIC) or not data.endswith(JPEG_END):
+        return None  # (OpenCV, too, decodes by content: only JPEG bytes ever reach it)
     scale = jpeg_scale(size, min_side)
     grey = mode == "L"
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,23 +42,40 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     try:
-        table = pd.read_csv(
-            path, dtype={c: "string" for c in ("path", "label", "grade", *ID_COLUMNS)},
-            keep_default_na=False, na_values=[""],
-        )
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{path}: not a readable CSV manifest ({error})") from None
+        with warnings.catch_warnings():
+            # A first row with more fields than the header would silently become the index
+            # (every column shifted by one); index_col=False warns instead, made an error here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(
+                path, dtype={c: "string" for c in ("path", "label", "grade", *ID_COLUMNS)},
+                keep_default_na=False, na_values=[""], index_col=False,
+            )
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: a row has more fields than the header; not a readable CSV "
+                        "manifest") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError,
+            ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise DataError(f"{path}: not a readable CSV manifest ({reason})") from None
     if "path" not in table.columns:
         raise DataError(f"{path}: manifest has no 'path' column (columns: {list(table.columns)})")
     if table.empty:
         raise DataError(f"{path}: manifest has no rows")
-    missing = table["path"].isna()
+    missing = table["path"].isna().to_numpy()
     if missing.any():
-        row = int(missing.idxmax()) + 2  # header is line 1
+        row = int(missing.argmax()) + 2  # header is line 1 (a quoted newline shifts this)
         raise DataError(f"{path}: line {row} has an empty 'path'")
     base = path.resolve().parent
-    table["path"] = [str((base / p).resolve()) for p in table["path"]]
+    table["path"] = [_resolved(base, p, path, i) for i, p in enumerate(table["path"])]
     return table
+
+
+def _resolved(base: Path, entry: str, manifest: Path, i: int) -> str:
+    """A manifest's `path` entry as an absolute path; DataError for one no file can have."""
+    try:
+        return str((base / entry).resolve())
+    except (ValueError, OSError) as error:  # e.g. an embedded NUL byte
+        raise DataError(f"{manifest}: row {i + 2}: unusable path {entry!r} ({error})") from None
 
 
 def read_class_folders(root: str | os.PathLike[str]) -> pd.DataFrame:

@@ -11,6 +11,22 @@ Every bundle exported since model cards exist also holds `MODEL_CARD.md`, whose 
 `read_bundle` refuses a bundle whose hash or schema version does not match: a scoring model that
 was swapped or corrupted must never score patients silently.
 
+Identity. `bundle_sha256` in bundle.json is the SHA-256 of bundle.json itself in canonical form
+(`bundle_identity`: the JSON object without that field, keys sorted, no whitespace, ASCII), and
+bundle.json lists the SHA-256 of every file it names (`model_file`, `int8`, `ood`, `MODEL_CARD.md`
+as `model_card_sha256`), so the one digest identifies the whole bundle: every value that decides
+a score or a flag and every file's bytes. `write_bundle_json` is the one way to write it (from a
+`Bundle`, e.g. one made with `dataclasses.replace`); `read_bundle` recomputes it and checks every
+file, and refuses a bundle edited by hand or with a file swapped in one line saying the bundle was
+modified. It detects accidents and hand edits, not a deliberate forger (anyone can call
+`write_bundle_json`): for that a bundle is signed (`embryo_ml.export.signing`, `bundle.sig` over
+the identity). The scoring sidecar records the identity too, so `score --resume` and `report`
+know whether a bundle is the one that scored.
+
+Values. `read_bundle` also checks every field's type and range (`bundle_problem`: temperature
+> 0, threshold in [0, 1], three means and three positive stds, file names inside the folder, ...)
+with a `BundleError` naming the field: a value no scorer can use is never read as one.
+
 `validation` is the training run's model-quality gate (`metrics.json` `validation`: a verdict
 `passed`, `failed` or `inconclusive`, a reason a person reads, and the checks behind it), copied
 at export so the verdict travels with the model to every place that scores with it. None = a
@@ -22,7 +38,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +53,12 @@ from embryo_ml.fileio import atomic_write_text
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.onnx"
+MODEL_CARD_FILE = "MODEL_CARD.md"  # written by embryo_ml.export.model_card
+SIGNATURE_FILE = "bundle.sig"  # written and checked by embryo_ml.export.signing
+IDENTITY_FIELD = "bundle_sha256"
+MAX_INPUT_SIZE = 8192  # pixels per side; a larger value is a typo, not a model
+PRECISIONS = ("fp32", "int8")  # the model files an `ood` record may describe
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,10 @@ class Bundle:
     conformal: dict[str, Any] | None = None
     # The facts of MODEL_CARD.md (embryo_ml.export.model_card); None = no model card.
     model_card: dict[str, Any] | None = None
+    model_card_sha256: str | None = None  # of MODEL_CARD.md; set with `model_card`
+    # The bundle's identity (`bundle_identity`): set by `read_bundle`; `write_bundle_json`
+    # computes it afresh and ignores this value.
+    bundle_sha256: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_file: str = MODEL_FILE
@@ -126,14 +155,36 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def bundle_identity(data: Mapping[str, Any]) -> str:
+    """The identity of a bundle.json object: SHA-256 of its canonical form (without the
+    `bundle_sha256` field itself; keys sorted, no whitespace, ASCII). Covers every file too,
+    through the SHA-256 bundle.json lists for each."""
+    body = {key: value for key, value in data.items() if key != IDENTITY_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def identity(bundle: Bundle) -> str:
+    """The bundle's identity: as read from its bundle.json, else (a bundle built in memory)
+    what `write_bundle_json` would record for it. A bundle changed in memory with
+    `dataclasses.replace` keeps the identity it was read with until it is written."""
+    if bundle.bundle_sha256 is not None:
+        return bundle.bundle_sha256
+    return bundle_identity(json.loads(json.dumps(bundle.to_json())))
+
+
 def write_bundle_json(bundle: Bundle, folder: str | os.PathLike[str]) -> Path:
-    return atomic_write_text(Path(folder) / BUNDLE_FILE,
-                             json.dumps(bundle.to_json(), indent=2) + "\n")
+    """Write `folder/bundle.json` for `bundle` with its identity (`bundle_identity`), the one
+    way to write a bundle that `read_bundle` accepts. Values are checked when read (the
+    exporter reads back what it wrote); `bundle.bundle_sha256` is ignored and computed afresh."""
+    data = json.loads(json.dumps(bundle.to_json()))  # exactly the object a reader will load
+    data.pop(IDENTITY_FIELD, None)
+    digest = bundle_identity(data)
+    data = {"schema_version": data.pop("schema_version"), IDENTITY_FIELD: digest, **data}
+    return atomic_write_text(Path(folder) / BUNDLE_FILE, json.dumps(data, indent=2) + "\n")
 
 
-def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Load and (by default) verify a bundle: schema version, required fields, model hash."""
-    folder = Path(folder)
+def _load_bundle_json(folder: Path) -> dict[str, Any]:
     meta_path = folder / BUNDLE_FILE
     if not folder.is_dir():
         raise BundleError(f"bundle folder not found: {folder}")
@@ -151,6 +202,31 @@ def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
             f"{meta_path}: schema_version {version!r} is not supported (this embryo-ml reads "
             f"version {SCHEMA_VERSION}); re-export the bundle with this version"
         )
+    return data
+
+
+def _check_identity(folder: Path, data: dict[str, Any]) -> None:
+    recorded = data.get(IDENTITY_FIELD)
+    if recorded is None:
+        raise BundleError(f"bundle {folder} has no {IDENTITY_FIELD}: it was modified by hand or "
+                          "written by an embryo-ml from before bundle identities; refusing to use "
+                          "it: export it again")
+    if recorded != bundle_identity(data):
+        raise BundleError(f"bundle {folder} was modified after export: {BUNDLE_FILE} does not "
+                          f"match its {IDENTITY_FIELD} (a value was edited); refusing to use "
+                          "it: restore the original or export it again")
+
+
+def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Load a bundle: schema version, every field's value (`bundle_problem`) and, by default
+    (`verify`), its identity and every file's hash. `verify=False` checks values only, for
+    tools that read a bundle to write a changed one (`dataclasses.replace`, then
+    `write_bundle_json`)."""
+    folder = Path(folder)
+    meta_path = folder / BUNDLE_FILE
+    data = _load_bundle_json(folder)
+    if verify:
+        _check_identity(folder, data)
     known = {f for f in Bundle.__dataclass_fields__ if f != "path"}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -159,12 +235,9 @@ def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
         bundle = Bundle(**data, path=folder)
     except TypeError as error:
         raise BundleError(f"{meta_path}: incomplete bundle ({error})") from None
-    if bundle.positive_class not in bundle.classes:
-        raise BundleError(f"{meta_path}: positive_class {bundle.positive_class!r} not in classes")
-    if bundle.validation is not None:
-        problem = validation_problem(bundle.validation)
-        if problem:
-            raise BundleError(f"{meta_path}: 'validation' {problem}")
+    problem = bundle_problem(bundle)
+    if problem:
+        raise BundleError(f"{meta_path}: {problem}")
     if verify:
         verify_model_hash(bundle)
     return bundle
@@ -235,36 +308,255 @@ def validation_warning(bundle: Bundle) -> str | None:
             "with caution")
 
 
+# ------------------------------------------------------------------------- field values ----
+
+
+def _finite(value: object) -> bool:
+    """A number a float holds: not NaN or infinite, and no integer beyond float's range."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:  # JSON integers have no size limit
+        return False
+
+
+def _in_unit(value: object, closed: bool = False) -> bool:
+    """In (0, 1), or [0, 1] when `closed`."""
+    if not _finite(value):
+        return False
+    return 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0  # type: ignore[operator]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
 def _plain_name(file: object) -> bool:
-    """A file name inside the bundle folder: no folder part, no way out of it."""
-    return (isinstance(file, str) and bool(file) and "/" not in file and "\\" not in file
+    """A file name inside the bundle folder: no folder part, no drive, no way out of it."""
+    return (_is_text(file) and not any(c in file for c in "/\\:\0")  # type: ignore[union-attr]
             and file not in (".", ".."))
 
 
+def _model_problem(b: Bundle) -> str | None:
+    """What a score means: the classes, the calibration and the threshold."""
+    if not _is_text(b.architecture):
+        return f"'architecture' must be text, got {b.architecture!r}"
+    classes = b.classes
+    if not (isinstance(classes, list) and len(classes) >= 2
+            and all(_is_text(c) for c in classes)):
+        return f"'classes' must be a list of at least two class names, got {classes!r}"
+    if len(set(classes)) != len(classes):
+        return f"'classes' must be unique, got {classes!r}"
+    if not isinstance(b.positive_class, str) or b.positive_class not in classes:
+        return f"'positive_class' {b.positive_class!r} not in classes {classes}"
+    if not (_finite(b.temperature) and b.temperature > 0):
+        return f"'temperature' must be a finite number > 0, got {b.temperature!r}"
+    if not _in_unit(b.threshold, closed=True):
+        return f"'threshold' must be a number in [0, 1], got {b.threshold!r}"
+    return None
+
+
+def _input_problem(b: Bundle) -> str | None:
+    """How an image becomes the model's input."""
+    if not (_is_int(b.input_size) and 1 <= b.input_size <= MAX_INPUT_SIZE):
+        return (f"'input_size' must be a whole number of pixels from 1 to {MAX_INPUT_SIZE}, "
+                f"got {b.input_size!r}")
+    for name, values in (("mean", b.mean), ("std", b.std)):
+        if not (isinstance(values, list) and len(values) == 3 and all(map(_finite, values))):
+            return f"'{name}' must be three numbers (R, G, B), got {values!r}"
+    if not all(v > 0 for v in b.std):
+        return f"'std' must be three numbers > 0, got {b.std!r}"
+    if b.channel_order != "RGB":
+        return (f"'channel_order' must be 'RGB' (the order images are read in), got "
+                f"{b.channel_order!r}")
+    if b.layout != "NCHW":
+        return f"'layout' must be 'NCHW' (the layout images are prepared in), got {b.layout!r}"
+    for name in ("resize_policy", "input_name", "output_name"):
+        if not _is_text(getattr(b, name)):
+            return f"'{name}' must be text, got {getattr(b, name)!r}"
+    if b.cam_output is not None and not _is_text(b.cam_output):
+        return f"'cam_output' must be an output name or null, got {b.cam_output!r}"
+    return None
+
+
+def _heads_problem(b: Bundle) -> str | None:
+    """Grade heads: blocks of logit columns after the main classes, none overlapping."""
+    if b.heads is None:
+        return None
+    if not isinstance(b.heads, dict):
+        return f"'heads' must be an object (name -> offset and classes), got {b.heads!r}"
+    blocks = []
+    for name, head in b.heads.items():
+        offset = head.get("offset") if isinstance(head, dict) else None
+        classes = head.get("classes") if isinstance(head, dict) else None
+        if not _is_int(offset) or offset < len(b.classes):  # type: ignore[operator]
+            return (f"'heads' {name!r}: 'offset' must be a whole number >= {len(b.classes)} "
+                    f"(after the main classes), got {offset!r}")
+        if not (isinstance(classes, list) and classes and all(_is_text(c) for c in classes)
+                and len(set(classes)) == len(classes)):
+            return f"'heads' {name!r}: 'classes' must be a list of unique names, got {classes!r}"
+        blocks.append((offset, offset + len(classes), name))
+    blocks.sort()
+    for (_, end, first), (start, _, second) in zip(blocks, blocks[1:]):
+        if start < end:
+            return f"'heads' {first!r} and {second!r} overlap (column {start})"
+    return None
+
+
+def _files_problem(b: Bundle) -> str | None:
+    """Every file the bundle names: a plain name inside its folder and a SHA-256."""
+    if not _plain_name(b.model_file):
+        return (f"'model_file' must be a plain file name inside the bundle (no folder, no "
+                f"'..'), got {b.model_file!r}")
+    if not _is_sha256(b.sha256):
+        return f"'sha256' must be a SHA-256 (64 hex digits), got {b.sha256!r}"
+    for name, record in (("int8", b.int8), ("ood", b.ood)):
+        if record is None:
+            continue
+        if not isinstance(record, dict):
+            return f"'{name}' must be an object or null, got {record!r}"
+        if not _plain_name(record.get("file")):
+            return (f"'{name}' needs a plain 'file' name inside the bundle (no folder, no "
+                    f"'..'), got {record.get('file')!r}")
+        if not _is_sha256(record.get("sha256")):
+            return f"'{name}' needs a 'sha256' (64 hex digits), got {record.get('sha256')!r}"
+    if b.model_card is not None and not isinstance(b.model_card, dict):
+        return f"'model_card' must be an object or null, got {b.model_card!r}"
+    if b.model_card_sha256 is not None and not _is_sha256(b.model_card_sha256):
+        return (f"'model_card_sha256' must be a SHA-256 (64 hex digits), got "
+                f"{b.model_card_sha256!r}")
+    if b.model_card is not None and b.model_card_sha256 is None:
+        return (f"'model_card_sha256' is missing: the bundle has a model card but no hash of "
+                f"{MODEL_CARD_FILE}")
+    if b.bundle_sha256 is not None and not _is_sha256(b.bundle_sha256):
+        return f"'{IDENTITY_FIELD}' must be a SHA-256 (64 hex digits), got {b.bundle_sha256!r}"
+    return None
+
+
+def _ood_problem(b: Bundle) -> str | None:
+    """The out-of-distribution reference's settings (its file: `_files_problem`)."""
+    ood = b.ood
+    if ood is None:
+        return None
+    if not (_is_int(ood.get("k")) and ood["k"] >= 1):
+        return f"'ood' 'k' must be a whole number >= 1, got {ood.get('k')!r}"
+    if not _is_text(ood.get("feature_output")):
+        return (f"'ood' 'feature_output' must be the model output it reads, got "
+                f"{ood.get('feature_output')!r}")
+    models = ["fp32"] + ["int8"] * (b.int8 is not None)
+    for key, ok, what in (("limits", _finite, "a finite number"),
+                          ("expected_rate", _in_unit, "a number in (0, 1)")):
+        values = ood.get(key)
+        if not (isinstance(values, dict) and set(models) <= set(values) <= set(PRECISIONS)):
+            return f"'ood' '{key}' needs {what} for each of {models}, got {values!r}"
+        for precision, value in values.items():
+            if not ok(value):
+                return f"'ood' '{key}' of {precision} must be {what}, got {value!r}"
+    for key in ("alpha", "shift_p"):
+        if ood.get(key) is not None and not _in_unit(ood[key]):
+            return f"'ood' '{key}' must be a number in (0, 1), got {ood[key]!r}"
+    n = ood.get("n_calibration")
+    if n is not None and not (_is_int(n) and n >= 1):
+        return f"'ood' 'n_calibration' must be a whole number >= 1, got {n!r}"
+    return None
+
+
+def _conformal_problem(b: Bundle) -> str | None:
+    """The conformal prediction sets: a level and one quantile per class."""
+    record = b.conformal
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        return f"'conformal' must be an object or null, got {record!r}"
+    if not _in_unit(record.get("alpha")):
+        return f"'conformal' 'alpha' must be a number in (0, 1), got {record.get('alpha')!r}"
+    quantiles = record.get("quantiles")
+    if not (isinstance(quantiles, dict) and set(quantiles) == set(b.classes)):
+        return (f"'conformal' 'quantiles' needs one number per class of {b.classes}, got "
+                f"{quantiles!r}")
+    for name in b.classes:
+        if not _in_unit(quantiles[name], closed=True):
+            return (f"'conformal' quantile of {name!r} must be a number in [0, 1], got "
+                    f"{quantiles[name]!r}")
+    return None
+
+
+def _quality_problem(b: Bundle) -> str | None:
+    """The pixel-quality and energy thresholds, judged by `QualityThresholds` itself."""
+    if b.quality is None:
+        return None
+    if not isinstance(b.quality, dict):
+        return f"'quality' must be an object or null, got {b.quality!r}"
+    for key, value in b.quality.items():
+        if value is not None and not _finite(value):
+            return f"'quality' '{key}' must be a finite number or null, got {value!r}"
+    # the flags' own judge; imported here because embryo_ml.score sits above this module
+    from embryo_ml.score.quality import QualityThresholds
+
+    try:
+        QualityThresholds.from_dict(b.quality)
+    except (TypeError, ValueError) as error:
+        return f"'quality' {error}"
+    return None
+
+
+def _provenance_problem(b: Bundle) -> str | None:
+    """Where the model came from: run id, figures, versions, the quality gate's record."""
+    if b.run_id is not None and not isinstance(b.run_id, str):
+        return f"'run_id' must be text or null, got {b.run_id!r}"
+    if not isinstance(b.created, str):
+        return f"'created' must be text, got {b.created!r}"
+    for name in ("val_metrics", "versions"):
+        if not isinstance(getattr(b, name), dict):
+            return f"'{name}' must be an object, got {getattr(b, name)!r}"
+    if b.validation is not None:
+        problem = validation_problem(b.validation)
+        if problem:
+            return f"'validation' {problem}"
+    return None
+
+
+_PROBLEMS = (_model_problem, _input_problem, _heads_problem, _files_problem, _ood_problem,
+             _conformal_problem, _quality_problem, _provenance_problem)
+
+
+def bundle_problem(bundle: Bundle) -> str | None:
+    """What is wrong with a bundle's values, naming the field, or None when every value is one
+    the scorer can use: the one judge of bundle.json's values (`read_bundle`)."""
+    for check in _PROBLEMS:
+        problem = check(bundle)
+        if problem:
+            return problem
+    return None
+
+
 def verify_model_hash(bundle: Bundle) -> None:
-    """Every model file in the bundle (fp32, int8 when listed) and the out-of-distribution
-    reference (when listed) against its recorded hash."""
-    models = [(bundle.model_file, bundle.sha256)]
-    if bundle.int8 is not None:
-        file, sha = bundle.int8.get("file"), bundle.int8.get("sha256")
-        if not _plain_name(file) or not isinstance(sha, str):
-            raise BundleError(f"bundle {bundle.path}: 'int8' needs a plain 'file' name and a "
-                              f"'sha256', got {bundle.int8}")
-        models.append((file, sha))
-    if bundle.ood is not None:  # the reference decides the out_of_distribution flag
-        file, sha = bundle.ood.get("file"), bundle.ood.get("sha256")
-        if not _plain_name(file) or not isinstance(sha, str):
-            raise BundleError(f"bundle {bundle.path}: 'ood' needs a plain 'file' name and a "
-                              f"'sha256', got file={file!r}")
-        models.append((file, sha))
-    for name, expected in models:
-        model = bundle.path / name if bundle.path is not None else Path(name)
-        if not model.is_file():
+    """Every file the bundle names (the fp32 model, the int8 model, the out-of-distribution
+    reference, MODEL_CARD.md) against the SHA-256 that bundle.json records for it."""
+    problem = _files_problem(bundle)
+    if problem:
+        raise BundleError(f"bundle {bundle.path}: {problem}")
+    files = [(bundle.model_file, bundle.sha256)]
+    files += [(str(r["file"]), str(r["sha256"])) for r in (bundle.int8, bundle.ood) if r]
+    if bundle.model_card_sha256 is not None:
+        files.append((MODEL_CARD_FILE, bundle.model_card_sha256))
+    for name, expected in files:
+        path = bundle.path / name if bundle.path is not None else Path(name)
+        if not path.is_file():
             raise BundleError(f"bundle {bundle.path}: {name} is missing")
-        actual = file_sha256(model)
+        actual = file_sha256(path)
         if actual != expected:
             raise BundleError(
-                f"bundle {bundle.path}: hash mismatch for {name} (expected "
-                f"{expected[:12]}..., found {actual[:12]}...): the file was modified or "
-                "corrupted; refusing to score"
+                f"bundle {bundle.path} was modified after export: hash mismatch for {name} "
+                f"(expected {expected[:12]}..., found {actual[:12]}...): the file was replaced "
+                "or corrupted; refusing to use it"
             )

@@ -30,10 +30,9 @@ import pandas as pd
 
 from embryo_ml.evaluation.gate import PASSED
 from embryo_ml.evaluation.shortcut import MISSING, column_values, natural_key
-from embryo_ml.export.bundle import Bundle, reason_text
+from embryo_ml.export.bundle import MODEL_CARD_FILE, Bundle, file_sha256, reason_text
 from embryo_ml.fileio import atomic_write_text
 
-MODEL_CARD_FILE = "MODEL_CARD.md"
 CARD_VERSION = 1
 METRICS_FILE = "metrics.json"
 TRAIN_IMAGES_FILE = "train_images.csv"  # embryo_ml.train.fit.TRAIN_IMAGES_NAME
@@ -524,7 +523,8 @@ def card_summary(facts: dict[str, Any] | None) -> list[tuple[str, str]]:
 
 def write_model_card(run_dir: str | Path, bundle: Bundle, folder: str | Path) -> Bundle:
     """Write `folder/MODEL_CARD.md` (the bundle being assembled) and return `bundle` with the
-    same facts as `model_card`, for `bundle.json`."""
+    same facts as `model_card` and the card's SHA-256 as `model_card_sha256`, for `bundle.json`
+    (so the card people read is covered by the bundle's identity like every other file)."""
     facts = model_card_facts(run_dir, bundle)
-    atomic_write_text(Path(folder) / MODEL_CARD_FILE, render_model_card(facts))
-    return dataclasses.replace(bundle, model_card=facts)
+    path = atomic_write_text(Path(folder) / MODEL_CARD_FILE, render_model_card(facts))
+    return dataclasses.replace(bundle, model_card=facts, model_card_sha256=file_sha256(path))

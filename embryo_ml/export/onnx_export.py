@@ -1,8 +1,11 @@
 """Export a training run's best checkpoint to an ONNX scoring bundle, checked against PyTorch.
 
-The bundle is assembled in a temporary folder beside the target and renamed into place only after
+The bundle is assembled in a temporary folder beside the target and swapped into place only after
 ONNX Runtime reproduces PyTorch's probabilities (max abs difference <= `tolerance`), so a failed
-or mismatching export never leaves a bundle that looks usable.
+or mismatching export never leaves a bundle that looks usable. The swap is durable and leaves no
+moment without a bundle: the staging folder's files are fsync'ed, then exchanged with the old
+bundle in one step (or, where the OS cannot, the old one is renamed aside and the new one in), and
+only then is the old one deleted (`embryo_ml.fileio.replace_folder`).
 
 A Gardner multi-task checkpoint (`heads` in best.pt) exports the same `logits` output, wider
 (main classes, then the grade heads); the layout goes into bundle.json as `heads`.
@@ -50,6 +53,7 @@ from embryo_ml.export.gate import bundle_validation, check_exportable, run_valid
 from embryo_ml.export.model_card import write_model_card
 from embryo_ml.export.quantize import build_int8
 from embryo_ml.export.trust import build_reference, conformal_record
+from embryo_ml.fileio import recover_folder, replace_folder
 from embryo_ml.models import build_model
 from embryo_ml.score.trust import FEATURE_OUTPUT
 from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
@@ -352,6 +356,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *
         raise DataError(f"{run_dir}: no {CHECKPOINT_NAME}; is this a training run folder?")
     validation = run_validation(run_dir)
     check_exportable(validation, run_dir, allow_failed_validation)
+    recover_folder(out_dir)  # an earlier export that crashed while swapping bundles
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).exists():
         raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new folder")
     model, checkpoint = load_run_model(run_dir)
@@ -403,9 +408,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, int8: bool = True, *
         bundle = write_model_card(run_dir, bundle, staging)  # MODEL_CARD.md + model_card
         write_bundle_json(bundle, staging)
         read_bundle(staging)  # what we wrote must pass the same check the scorer applies
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_folder(staging, out_dir)  # the old bundle stays in place until the new is whole
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return read_bundle(out_dir)

@@ -14,16 +14,20 @@ else `path`. Output: one row per input row, in order: `id` (the input's id, else
 `flags`, and any further column the scorer adds. A bad row gets a status, never an exception.
 Scores of unscored rows are None (JSON null), not NaN.
 
+What a request may make the server read, and its limits, are `embryo_ml.score.served_input`'s
+rules: `image_base64` always; a `path` only under the allowed roots (`allowed_roots` in the model
+config or `EMBRYO_ML_ALLOWED_ROOTS`; none by default: every path is `unreadable: path not
+allowed`). A request of more than `max_rows` rows is refused as a whole with an
+`MlflowException` (INVALID_PARAMETER_VALUE, HTTP 400 from `mlflow models serve`).
+
 This module and `embryo_ml.train.tracking` are the two that import mlflow (see there).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -37,11 +41,12 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from embryo_ml.data.images import DEFAULT_MAX_PIXELS
 from embryo_ml.errors import DataError, TrackingError
 from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.export.gate import check_registrable
-from embryo_ml.score.scorer import Loaded, OnnxScorer, ScoreItem, batch_rows, load_item
+from embryo_ml.score.scorer import Loaded, OnnxScorer, batch_rows
+from embryo_ml.score.served_input import ALLOWED_ROOTS_KEY, LIMITS, ServedInput, ServedRequest
+from embryo_ml.score.served_input import decode_base64 as decode_base64  # (was defined here)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,13 @@ DEFAULT_EXPERIMENT = "embryo-ml"
 INPUT_COLUMNS = ("id", "path", "image_base64")
 # Cohort columns of the scores CSV: per-image requests carry no patient/embryo grouping.
 _COHORT_COLUMNS = ("embryo_id", "patient_id", "rank_in_cohort")
-_DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 _REQUIREMENTS = ("numpy", "pandas", "pillow", "opencv-python-headless", "onnxruntime")
+# The model config logged with the model: MLflow lets `load_model(..., model_config=...)` (and
+# `MLFLOW_PYFUNC_INFERENCE_CONFIG` where the model is served) set only keys logged with it.
+# None: not set here (the served-input settings then come from the environment, else default).
+MODEL_CONFIG: dict[str, Any] = {"threads": None, "batch_size": 32, "workers": 4,
+                                "precision": "auto", ALLOWED_ROOTS_KEY: None,
+                                **{key: None for key in LIMITS}}
 
 
 def _is_numeric_column(name: str) -> bool:
@@ -83,42 +93,26 @@ def _cell(value: Any) -> str:
     return str(value).strip()
 
 
-def decode_base64(text: str) -> bytes:
-    """Strict base64 (whitespace and a data-URL prefix allowed); raises `ValueError`."""
-    text = re.sub(r"\s+", "", _DATA_URL.sub("", text.strip()))
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ValueError(f"invalid base64 ({error})") from None
-
-
-def _row_item(name: str, path: str, encoded: str) -> ScoreItem | Loaded:
-    """What to load for one input row, or its final status when there is nothing to load."""
-    if encoded:
-        try:
-            return ScoreItem(path=path, file="", data=decode_base64(encoded))
-        except ValueError as error:
-            return ScoreItem(path=path, file=""), None, f"unreadable: {error}", []
-    if path:
-        return ScoreItem(path=path, file=path)
-    return ScoreItem(path="", file=""), None, "no input: give a path or image_base64", []
-
-
 def predict_frame(scorer: OnnxScorer, frame: pd.DataFrame, batch_size: int = 32,
-                  workers: int = 4) -> pd.DataFrame:
-    """Score every row of `frame` (see the module docstring for the columns)."""
+                  workers: int = 4, served: ServedInput | None = None) -> pd.DataFrame:
+    """Score every row of `frame` (see the module docstring for the columns) under `served`'s
+    rules (default: `ServedInput.from_settings()`, from the environment). Rows are read and
+    decoded one batch at a time. Raises `DataError` for a frame without an input column or
+    with more rows than `served.max_rows`."""
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     if not set(INPUT_COLUMNS[1:]) & set(frame.columns):
         raise DataError(f"model input needs a 'path' or 'image_base64' column; got "
                           f"{list(frame.columns)}")
+    served = served or ServedInput.from_settings()
+    served.check_rows(len(frame))
     missing = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     ids = [_cell(v) or str(i) for i, v in zip(frame.index, frame.get("id", missing))]
-    todo = [_row_item(name, _cell(path), _cell(encoded)) for name, path, encoded in zip(
-        ids, frame.get("path", missing), frame.get("image_base64", missing))]
+    todo = list(zip(frame.get("path", missing), frame.get("image_base64", missing)))
+    request = ServedRequest(scorer, served)
 
-    def load(entry: ScoreItem | Loaded) -> Loaded:
-        return load_item(scorer, entry) if isinstance(entry, ScoreItem) else entry
+    def load(row: tuple[Any, Any]) -> Loaded:
+        return request.load(_cell(row[0]), _cell(row[1]))
 
     rows: list[dict] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -137,30 +131,42 @@ def _output_frame(rows: list[dict], ids: list[str], index: pd.Index, bundle: Bun
         if _is_numeric_column(column):
             out[column] = pd.Series([_number(v) for v in out[column]], index=index, dtype=object)
         else:
-            out[column] = out[column].fillna("").astype(str)
+            out[column] = out[column].astype(object).fillna("").astype(str)  # (all-NaN too)
     out.insert(0, "id", ids)
     return out
 
 
 class BundleModel(PythonModel):
     """The pyfunc model. `model_config` may set `threads` (ONNX Runtime), `batch_size`,
-    `workers` (decoding threads), `max_pixels` and `precision` ("auto", "fp32", "int8")."""
+    `workers` (decoding threads), `precision` ("auto", "fp32", "int8"), and what a request may
+    read (`embryo_ml.score.served_input`): `allowed_roots` (a list of folders), `max_rows`,
+    `max_image_bytes`, `max_pixels` and `max_request_pixels`. A setting the config leaves out
+    comes from its environment variable (`EMBRYO_ML_ALLOWED_ROOTS`, `EMBRYO_ML_MAX_ROWS`, ...)
+    as it is when a request arrives, else its default. The config is given to
+    `mlflow.pyfunc.load_model(uri, model_config={...})`, or as JSON in
+    `MLFLOW_PYFUNC_INFERENCE_CONFIG` to `mlflow models serve`; MLflow passes on only the keys of
+    `MODEL_CONFIG`, logged with the model (a model logged before these existed takes none)."""
 
     def load_context(self, context: Any) -> None:
         config = dict(getattr(context, "model_config", None) or {})
+        self.config = config
+        served = ServedInput.from_settings(config)  # a bad setting fails the load, not a request
         self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT])  # verifies the hash
         warning = validation_warning(self.bundle)
         if warning:  # a failed model can be logged (never registered) for inspection
             log.warning("%s", warning)
-        self.batch_size = int(config.get("batch_size", 32))
-        self.workers = int(config.get("workers", 4))
-        self.scorer = OnnxScorer(self.bundle, config.get("threads"),
-                                 int(config.get("max_pixels", DEFAULT_MAX_PIXELS)),
-                                 precision=str(config.get("precision", "auto")))
+        self.batch_size = int(config.get("batch_size") or MODEL_CONFIG["batch_size"])
+        self.workers = int(config.get("workers") or MODEL_CONFIG["workers"])
+        self.scorer = OnnxScorer(self.bundle, config.get("threads"), served.max_pixels,
+                                 precision=str(config.get("precision") or "auto"))
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.scorer, model_input, self.batch_size, self.workers)
+        served = ServedInput.from_settings(self.config)
+        try:
+            return predict_frame(self.scorer, model_input, self.batch_size, self.workers, served)
+        except DataError as error:  # the request's fault: HTTP 400 with this one line
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(error)) from None
 
 
 def example_image_base64(size: int = 64) -> str:
@@ -245,6 +251,7 @@ def log_bundle_model(
                 name=MODEL_NAME, python_model=str(MODEL_CODE),
                 artifacts={BUNDLE_ARTIFACT: str(Path(bundle_dir).resolve())},
                 signature=model_signature(bundle), input_example=input_example(),
+                model_config=MODEL_CONFIG,
                 pip_requirements=pip_requirements(), tags=tags,
                 metadata={"classes": bundle.classes, "positive_class": bundle.positive_class,
                           "bundle_sha256": bundle.sha256},

@@ -29,6 +29,7 @@ from embryo_ml.data.preprocess import preprocess, read_for_model
 from embryo_ml.errors import ImageReadError
 from embryo_ml.export.bundle import file_sha256
 from embryo_ml.export.quantize import cpu_session, validation_images
+from embryo_ml.fileio import atomic_open
 from embryo_ml.score.conformal import fit_conformal
 from embryo_ml.score.trust import (
     FEATURE_OUTPUT,
@@ -135,7 +136,7 @@ def build_reference(
                     "(train.refit), so they are not new to the model; the limit may be tight "
                     "and flag more than %.0f%% of images like them", 100 * trust.ood_alpha)
     path = staging / REFERENCE_FILE
-    with open(path, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         np.savez(handle, **vectors)
     log.info("out-of-distribution reference: %d training images, limit %.4f (fp32) from %d "
              "validation images, expected false-alarm rate %.3f", n_ref, limits["fp32"], n_cal,

@@ -27,6 +27,12 @@ What it shows, top to bottom:
   patient id: thumbnail, heatmap overlay, embryo, calibrated score with its 1-10 display value,
   predicted class, Gardner grades when the bundle has them, flags in plain words, file name.
 
+The bundle must be the one that scored: the scoring sidecar records its identity
+(`bundle_sha256`, which covers bundle.json and every file in it) and a report with any other
+bundle, or with this one changed since, is refused (`BundleError`, one line). Scores without a
+sidecar (older outputs, or copied without it) cannot be checked: the report says so in a logged
+warning and goes on.
+
 Image paths: a row's `path` is read as written by the scorer: relative to the scored folder or
 to the manifest's folder, or absolute. `images` is that folder (a manifest CSV stands for its
 folder); without it, paths are resolved against the scores file's folder. An image that cannot
@@ -72,8 +78,8 @@ import cv2
 import numpy as np
 
 from embryo_ml.data.images import read_image
-from embryo_ml.errors import DataError, ImageReadError
-from embryo_ml.export.bundle import Bundle, read_bundle, reason_text
+from embryo_ml.errors import BundleError, DataError, ImageReadError
+from embryo_ml.export.bundle import Bundle, identity, read_bundle, reason_text
 from embryo_ml.export.model_card import MODEL_CARD_FILE, card_summary
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.score.quality import FLAG_NAMES
@@ -660,6 +666,26 @@ def _scoring_settings(scores: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _check_scored_by(scores: Path, bundle: Bundle) -> None:
+    """BundleError (one line) unless `bundle` is the bundle whose identity the scoring sidecar
+    records; a logged warning when there is no sidecar to tell (or an older one, which records
+    only the model's hash, and that hash matches)."""
+    sidecar = settings_path(scores)
+    recorded = _scoring_settings(scores).get("bundle_sha256")
+    expected = identity(bundle)
+    if recorded == expected:
+        return
+    if not sidecar.is_file() or not isinstance(recorded, str) or recorded == bundle.sha256:
+        log.warning("report: %s has no scoring sidecar that records its bundle (%s: scores from "
+                    "an older embryo-ml, or copied without it); cannot check that %s is the "
+                    "bundle that scored them", scores.name, sidecar.name, bundle.path)
+        return
+    raise BundleError(f"{scores} was not scored with bundle {bundle.path}: {sidecar.name} "
+                      f"records bundle {recorded[:12]}..., this one is {expected[:12]}... "
+                      "(another bundle, or this one changed since); give the bundle that "
+                      "scored it")
+
+
 def _run_shift(scores: Path, bundle: Bundle, rows: list[_Row]) -> dict[str, Any]:
     """The run's dataset-shift record: the scoring sidecar's when it belongs to these scores
     (this bundle, the same counts), else recomputed from the rows and the bundle for the model
@@ -668,7 +694,7 @@ def _run_shift(scores: Path, bundle: Bundle, rows: list[_Row]) -> dict[str, Any]
     settings = _scoring_settings(scores)
     record = settings.get("shift")
     if (isinstance(record, dict) and record.get("available") is True
-            and settings.get("bundle_sha256") == bundle.sha256
+            and settings.get("bundle_sha256") == identity(bundle)
             and (record.get("n_flagged"), record.get("n_scored")) == count_flagged(counted)):
         return record
     precision = settings.get("model")
@@ -926,6 +952,7 @@ def write_report(
     if not isinstance(bundle, Bundle):
         bundle = read_bundle(bundle)
     rows, head_columns = _read_rows(scores, bundle)
+    _check_scored_by(scores, bundle)  # before any picture is made
     cohorts = _cohorts(rows)
     root = _image_root(images, scores)
     maker = _Heatmaps(bundle, heatmaps, threads)

@@ -18,6 +18,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import auc as area_under  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
+from embryo_ml.fileio import atomic_path  # noqa: E402
+
 
 def confusion_matrix_figure(
     matrix: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix"
@@ -190,5 +192,9 @@ def subgroup_roc_figure(
 
 
 def save_figure(fig: Figure, path: str) -> None:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Write the figure (format from the extension) atomically and durably, then close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

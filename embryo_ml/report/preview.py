@@ -18,6 +18,7 @@ from embryo_ml.data.images import read_image
 from embryo_ml.data.manifest import load_table
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import DataError
+from embryo_ml.fileio import atomic_path
 
 
 def _to_pixels(normalised: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
@@ -47,5 +48,6 @@ def augment_preview(
         rows.append(np.concatenate([_to_pixels(t, mean, std) for t in tiles], axis=1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    with atomic_path(out) as tmp:  # the format follows out's extension, kept by tmp
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
     return out

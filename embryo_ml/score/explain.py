@@ -58,6 +58,7 @@ import numpy as np
 from embryo_ml.data.images import read_image
 from embryo_ml.errors import BundleError, ConfigError
 from embryo_ml.export.bundle import read_bundle
+from embryo_ml.fileio import atomic_write_bytes
 from embryo_ml.numeric import softmax
 from embryo_ml.score.scorer import OnnxScorer
 
@@ -241,16 +242,13 @@ def side_by_side(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np
 
 
 def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 image as PNG, atomically (temporary name, then rename)."""
+    """Write an RGB uint8 image as PNG, atomically and durably (`embryo_ml.fileio`)."""
     path = Path(path)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover - only with a broken OpenCV build
         raise RuntimeError("OpenCV could not encode a PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encoded.tobytes())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, encoded.tobytes())
 
 
 def explain_image(

@@ -29,13 +29,18 @@ correction through a second, non-linear averaging. T was fitted on single-view l
 average of views is usually a little less extreme, so TTA scores may be slightly under-confident;
 the `out_of_distribution` flag uses the unaugmented view, the one its threshold was fitted on.
 
-`--resume` skips images whose `path` is already in the output (after dropping a torn last record)
-and appends the rest. SIGINT (Ctrl-C) and SIGTERM request a clean stop: the batch in hand is
-finished and flushed, Parquet is converted, and `ScoringInterrupted` (a `KeyboardInterrupt`) is
-raised; a second signal stops at once, cutting the file back to its last complete batch. When all
-images are scored, embryos are aggregated and ranked, the scores file is rewritten (temp name,
-then rename) with `rank_in_cohort`, and the embryos table is written beside it
-(`scores.csv` -> `scores.embryos.csv`).
+Rows go to the partial file (`scores.csv` -> `scores.csv.partial.csv`, see
+`embryo_ml.score.writers`); the scores file itself is replaced only when the run has finished, so
+an earlier complete one survives a failed or interrupted re-run. `--resume` continues the partial
+file (or starts it from a finished scores file): it skips images whose `path` is already there
+(after dropping a torn last record) and appends the rest. SIGINT (Ctrl-C) and SIGTERM request a
+clean stop: the batch in hand is finished and flushed, and `ScoringInterrupted` (a
+`KeyboardInterrupt`) is raised, its summary's `out` naming the partial file; a second signal
+stops at once, cutting the file back to its last complete batch. When all images are scored,
+embryos are aggregated and ranked, the partial file's rows become the scores file (written with
+`rank_in_cohort` to a temporary name, fsync'ed, renamed over it), the embryos table is written
+beside it (`scores.csv` -> `scores.embryos.csv`), and only then is the partial file deleted. An
+`--out` that would overwrite an input (the manifest, an image) is refused before any work.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embryo_ml.data.images import DEFAULT_MAX_PIXELS
+from embryo_ml.data.images import DEFAULT_MAX_PIXELS, is_image_file
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import RESIZE_POLICY, preprocess, read_for_model
 from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
@@ -100,7 +105,7 @@ class ScoreItem:
 
 @dataclass
 class ScoreSummary:
-    out: Path
+    out: Path  # the scores file; after an interrupt, the partial file that holds the rows
     n_images: int = 0  # scored in this call (ok or not)
     n_scored: int = 0
     n_failed: int = 0
@@ -515,7 +520,8 @@ def score_images(
     "auto" (the bundle's int8 model when it has one), "fp32" or "int8". Raises
     `ScoringInterrupted` after a clean stop on Ctrl-C or SIGTERM."""
     out = Path(out)
-    fmt = output_format(out)  # user errors first, before any work
+    output_format(out)  # user errors first, before any work
+    _refuse_overwriting_inputs(source, out)
     if aggregate not in AGGREGATES:
         raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     regex = compile_embryo_pattern(embryo_pattern) if embryo_pattern is not None else None
@@ -529,18 +535,19 @@ def score_images(
     cohorts = Cohorts(bundle.classes, bundle.positive_class, bundle.threshold, aggregate)
     summary = ScoreSummary(out, precision=scorer.precision,
                            validation_warning=validation_warning(bundle))
-    log = partial_path(out) if fmt == "parquet" else out
+    log = partial_path(out)  # the rows until the run has finished; `out` is replaced only then
     started = time.perf_counter()
     settings = _settings(bundle, scorer, embryo_pattern)
-    if resume:
-        _check_resumable(out, settings)  # before anything is touched
-    atomic_write_text(settings_path(out), json.dumps(settings, indent=2) + "\n")
+    if resume:  # the settings of the rows resumed: the partial file's, else the output's
+        own = log.is_file() and settings_path(log).is_file()
+        _check_resumable(log if own else out, settings)  # before anything is touched
+    out.parent.mkdir(parents=True, exist_ok=True)
     if resume:
         done: set[str] = set()
         summary.n_resumed = _resume(out, log, columns, cohorts, done)
         items = (item for item in items if item.path not in done)
-    embryos_out = embryos_path(out)
-    embryos_out.unlink(missing_ok=True)  # a previous run's; written again when this one ends
+    atomic_write_text(settings_path(log), json.dumps(settings, indent=2) + "\n")
+    embryos_out = embryos_path(out)  # an earlier run's stays until this one has finished
 
     writer = row_writer(out, columns, append=resume)
     pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
@@ -581,7 +588,7 @@ def score_images(
     except BaseException as error:
         pool.shutdown(wait=True, cancel_futures=True)
         writer.close(complete=False)  # cut back to the last complete batch
-        _keep_parquet(fmt, out, log, columns)
+        summary.out = log  # the finished rows; an earlier complete `out` is untouched
         summary.seconds = time.perf_counter() - started
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, ScoringInterrupted):
             raise ScoringInterrupted(summary) from None
@@ -591,32 +598,36 @@ def score_images(
             bar.close()
     summary.seconds = time.perf_counter() - started
     if stop.requested:
-        _keep_parquet(fmt, out, log, columns)
+        summary.out = log
         raise ScoringInterrupted(summary)
 
     cohorts.finish()
-    if fmt == "parquet" or cohorts.any_ranked:
-        write_table(out, columns, (_with_rank(row, cohorts) for row in iter_file_rows(log)))
-    if fmt == "parquet":
-        log.unlink(missing_ok=True)
+    # The partial file becomes `out` (with ranks; temp name, then rename), and is deleted last,
+    # after the embryos table and settings: until then it is what `--resume` continues.
+    write_table(out, columns, (_with_rank(row, cohorts) for row in iter_file_rows(log)))
     write_table(embryos_out, EMBRYO_COLUMNS, cohorts.rows())
     summary.embryos_out, summary.n_embryos = embryos_out, len(cohorts)
     # every row of the output, resumed ones too; the sidecar gains the record at the very end
     summary.shift = shift_record(bundle, summary.precision, iter_file_rows(out))
     atomic_write_text(settings_path(out),
                       json.dumps({**settings, "shift": summary.shift}, indent=2) + "\n")
+    settings_path(log).unlink(missing_ok=True)
+    log.unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _settings(bundle: Bundle, scorer: OnnxScorer, embryo_pattern: str | None) -> dict[str, Any]:
-    """What decides the numbers in a scores file: model file, test-time augmentation and how
-    embryos are named, and whether the model passed its validation check. Written beside it
+    """What decides the numbers in a scores file: the bundle (its identity `bundle_sha256`,
+    which covers bundle.json and every file in it), the model file, test-time augmentation and
+    how embryos are named, and whether the model passed its validation check. Written beside it
     (`settings_path`) when a run starts, and again with the run's dataset-shift record
-    (`"shift"`, `embryo_ml.score.shift`) when it finishes; `--resume` checks the first three."""
+    (`"shift"`, `embryo_ml.score.shift`) when it finishes; `--resume` checks the first four,
+    `report` the bundle."""
     int8 = scorer.precision == "int8" and bundle.int8 is not None
     model_sha = bundle.int8["sha256"] if int8 else bundle.sha256  # type: ignore[index]
-    return {"bundle_sha256": bundle.sha256, "model": scorer.precision, "model_sha256": model_sha,
+    return {"bundle_sha256": bundle.bundle_sha256, "model": scorer.precision,
+            "model_sha256": model_sha,
             "tta": scorer.tta, "embryo_pattern": embryo_pattern, "bundle": str(bundle.path),
             "validation": bundle.verdict}  # the model's quality gate; None = before the gate
 
@@ -633,6 +644,10 @@ def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return
     differ = []
+    if earlier.get("bundle_sha256", settings["bundle_sha256"]) != settings["bundle_sha256"]:
+        differ.append(f"bundle {str(earlier['bundle_sha256'])[:12]}... -> "
+                      f"{str(settings['bundle_sha256'])[:12]}... (bundle.json or a file in it "
+                      "changed)")
     if earlier.get("model_sha256", settings["model_sha256"]) != settings["model_sha256"]:
         differ.append(f"model {earlier.get('model')} {str(earlier['model_sha256'])[:12]}... -> "
                       f"{settings['model']} {settings['model_sha256'][:12]}...")
@@ -665,7 +680,48 @@ def _with_rank(row: dict[str, Any], cohorts: Cohorts) -> dict[str, Any]:
     return {**row, "rank_in_cohort": "" if rank is None else str(rank)}
 
 
-def _keep_parquet(fmt: str, out: Path, log: Path, columns: list[str]) -> None:
-    """After an interrupt: a valid Parquet `out` with every row so far (the sidecar stays)."""
-    if fmt == "parquet" and log.is_file():
-        write_table(out, columns, iter_file_rows(log))
+def _refuse_overwriting_inputs(source: str | os.PathLike[str], out: Path) -> None:
+    """ConfigError (one line), before any work, when a file this run writes (`out`, its partial
+    file, embryos table or settings) is one of its inputs: the manifest being scored, an image
+    it lists, or an image inside the scored folder."""
+    log = partial_path(out)
+    written = {out: "scores", log: "partial file", embryos_path(out): "embryos table",
+               settings_path(out): "settings file", settings_path(log): "settings file"}
+    source = Path(source)
+    inputs: list[tuple[Path, str]] = []
+    if source.is_file():
+        inputs = [(source, "the manifest being scored")]
+        inputs += [(image, f"an image being scored ({image})")
+                   for image in _listed_like(source, [p.name for p in written])]
+    elif source.is_dir():
+        inputs = [(path, f"an image being scored ({path})") for path in written
+                  if is_image_file(path) and source.resolve() in path.resolve().parents]
+    for path, kind in written.items():
+        for given, what in inputs:
+            if _same_file(path, given) and path == out:
+                raise ConfigError(f"--out {out} is {what}; choose another --out")
+            if _same_file(path, given):
+                raise ConfigError(f"--out {out} would overwrite {what} with its {kind} "
+                                  f"({path}); choose another --out")
+
+
+def _listed_like(manifest: Path, names: list[str]) -> list[Path]:
+    """The manifest's entries whose path ends like one of `names` (only those can be a file
+    this run writes), resolved against its folder as `read_manifest` does."""
+    try:
+        raw = pd.read_csv(manifest, usecols=["path"], dtype="string", keep_default_na=False)
+    except (ValueError, OSError):
+        return []  # `iter_items` says what is wrong with it
+    paths = raw["path"]
+    like = paths[paths.str.lower().str.endswith(tuple(n.lower() for n in names))]
+    base = manifest.resolve().parent
+    return [base / p for p in like]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, case-insensitive file systems
+    except OSError:
+        return False  # one of them does not exist yet

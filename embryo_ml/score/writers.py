@@ -4,11 +4,17 @@ The format follows the extension of the output path:
 
 - `.csv`: one header line, then one record per row.
 - `.jsonl` (JSON Lines): one JSON object per line; numbers are numbers, a missing score is null.
-- `.parquet`: a Parquet file cannot be valid while half written (its footer comes last), so rows
-  go to a JSON Lines sidecar `<out>.partial.jsonl` as they are scored, and the sidecar is
-  converted to `<out>` (temp name, then rename) when the run ends or is interrupted. After a
-  finished run the sidecar is deleted; after an interrupted one it stays as the resume log.
-  pyarrow is imported only here, only for Parquet.
+- `.parquet`: columns typed as in JSON Lines. pyarrow is imported only here, only for Parquet.
+
+`<out>` itself is only ever replaced whole, when a run has finished: rows go to a partial file
+beside it as they are scored (`partial_path`: `scores.csv.partial.csv`, `scores.jsonl.partial
+.jsonl`, and for Parquet, which cannot be valid while half written, the JSON Lines
+`scores.parquet.partial.jsonl`), and when the run has finished they are written, with the cohort
+ranks, to a temporary name beside `<out>`, fsync'ed and renamed over it (`write_table`,
+`embryo_ml.fileio`). An earlier complete `<out>` therefore stays as it was until the new one is
+whole, whatever happens to the new run. After a finished run the partial file is deleted last;
+after an interrupted or failed one it stays, a valid file of every finished row, and is the log
+`--resume` continues.
 
 Rows are appended and flushed (and fsync'ed) batch by batch. A writer remembers the file size
 after its last complete flush; when it is closed because of an error or an interrupt it cuts the
@@ -29,11 +35,13 @@ import io
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from embryo_ml.errors import ConfigError, DataError
+from embryo_ml.fileio import atomic_open, atomic_path, fsync_dir
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_CHUNK_ROWS = 8192
@@ -64,9 +72,11 @@ def settings_path(out: str | os.PathLike[str]) -> Path:
 
 
 def partial_path(out: str | os.PathLike[str]) -> Path:
-    """The JSON Lines sidecar a Parquet output is written through: `<out>.partial.jsonl`."""
+    """The file a run appends its rows to before it becomes `out`: `<out>.partial.csv` for CSV,
+    `<out>.partial.jsonl` for JSON Lines and Parquet."""
     out = Path(out)
-    return out.with_name(out.name + ".partial.jsonl")
+    log_suffix = ".jsonl" if output_format(out) == "parquet" else out.suffix
+    return out.with_name(f"{out.name}.partial{log_suffix}")
 
 
 def column_kind(column: str) -> str:
@@ -121,6 +131,8 @@ class _RowWriter:
         self._good = self._handle.tell()
         self._pending: list[str] = [] if append else self._preamble()
         self.flush()
+        if not append:
+            fsync_dir(self.path.parent)  # the new file's name is durable too
 
     def _preamble(self) -> list[str]:
         return []
@@ -196,16 +208,15 @@ class JsonlRowWriter(_RowWriter):
         return json.dumps(typed_row(row, self.columns), ensure_ascii=False) + "\n"
 
 
-def row_writer(path: str | os.PathLike[str], columns: Sequence[str],
+def row_writer(out: str | os.PathLike[str], columns: Sequence[str],
                append: bool = False) -> _RowWriter:
-    """The streaming writer for `path`'s format (the sidecar for Parquet)."""
-    fmt = output_format(path)
+    """The streaming writer of `out`'s partial file (`partial_path`), in its format."""
+    fmt = output_format(out)
     if fmt == "csv":
-        return CsvRowWriter(path, columns, append)
-    if fmt == "jsonl":
-        return JsonlRowWriter(path, columns, append)
-    _pyarrow_parquet()  # fail before scoring, not at the end, if pyarrow is missing
-    return JsonlRowWriter(partial_path(path), columns, append)
+        return CsvRowWriter(partial_path(out), columns, append)
+    if fmt == "parquet":
+        _pyarrow_parquet()  # fail before scoring, not at the end, if pyarrow is missing
+    return JsonlRowWriter(partial_path(out), columns, append)
 
 
 # ---------------------------------------------------------------- reading back (resume) ----
@@ -281,41 +292,73 @@ def repair(path: str | os.PathLike[str], columns: Sequence[str]) -> bool:
 
 
 def iter_file_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Rows of a (repaired) CSV, JSON Lines or Parquet file, streamed."""
+    """Rows of a (repaired) CSV, JSON Lines or Parquet file, streamed. A file that is not what
+    its extension says (not UTF-8, a line that is not a JSON object, not Parquet) raises
+    `DataError` naming the file (and the line)."""
     path = Path(path)
     fmt = "jsonl" if path.name.endswith(".jsonl") else output_format(path)
-    if fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            yield from csv.DictReader(handle)
-    elif fmt == "jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)
-    else:
-        parquet = _pyarrow_parquet()
-        for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_CHUNK_ROWS):
-            yield from batch.to_pylist()
+    try:
+        if fmt == "csv":
+            with open(path, newline="", encoding="utf-8") as handle:
+                yield from csv.DictReader(handle)
+        elif fmt == "jsonl":
+            with open(path, encoding="utf-8") as handle:
+                yield from _jsonl_rows(path, handle)
+        else:
+            parquet = _pyarrow_parquet()
+            for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_CHUNK_ROWS):
+                yield from batch.to_pylist()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {error.start})") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise  # the file system's own message, with the file name (`cli.main`)
+        reason = " ".join(str(error).split()) or error.__class__.__name__
+        raise DataError(f"{path}: not a readable {fmt} file ({reason})") from None
+
+
+def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number} is not JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object of one row's "
+                            "columns") from None
+        yield row
 
 
 def recover_rows(out: str | os.PathLike[str], columns: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """For a resumed run: repair the output so it can be appended to, and stream its rows.
+    """For a resumed run: the partial file (`partial_path`), repaired so it can be appended to,
+    and its rows, streamed.
 
-    For Parquet the sidecar is the log: rows of an existing `<out>` that it lacks (e.g. the
-    sidecar was deleted after a finished run) are copied into it first. Yields nothing when
-    there is no output yet."""
+    Without a partial file (the last run finished, or an older version wrote rows straight into
+    `out`) it is started from `out`'s whole records; `out` itself is only read. Raises
+    `DataError`, before anything is written, for an `out` of other columns or damaged before its
+    end. Yields nothing when there is neither."""
     out = Path(out)
-    fmt = output_format(out)
-    log = partial_path(out) if fmt == "parquet" else out
+    log = partial_path(out)
+    if not log.is_file() and out.is_file():
+        _seed_log(out, log, columns)
     if log.is_file():
         repair(log, columns)
-    if fmt == "parquet" and out.is_file():
-        seen = {row["path"] for row in iter_file_rows(log)} if log.is_file() else set()
-        with JsonlRowWriter(log, columns, append=True) as writer:
-            for row in iter_file_rows(out):
-                if row.get("path") not in seen:
-                    writer.write(row)
-    if log.is_file():
         yield from iter_file_rows(log)
+
+
+def _seed_log(out: Path, log: Path, columns: Sequence[str]) -> None:
+    """Start the partial file from `out`: its whole records (a torn last one is left out)."""
+    if output_format(out) == "parquet":
+        write_table(log, columns, iter_file_rows(out))
+        return
+    good = (_scan_jsonl if output_format(out) == "jsonl" else _scan_csv)(out, columns)
+    with open(out, "rb") as source, atomic_open(log, "wb") as target:
+        shutil.copyfileobj(source, target)
+        target.truncate(good)
 
 
 # ------------------------------------------------------------------- whole-file writes ----
@@ -339,12 +382,11 @@ def _arrow_schema(columns: Sequence[str]):  # -> pyarrow.Schema
 
 def write_table(path: str | os.PathLike[str], columns: Sequence[str],
                 rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write all `rows` to `path` in its format, atomically (temp name, then rename), streaming
-    (rows may be a generator over a file much larger than memory)."""
+    """Write all `rows` to `path` in its format, atomically and durably (`embryo_ml.fileio`),
+    streaming (rows may be a generator over a file much larger than memory)."""
     path = Path(path)
     fmt = output_format(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         if fmt == "parquet":
             parquet = _pyarrow_parquet()
             import pyarrow as pa
@@ -365,7 +407,4 @@ def write_table(path: str | os.PathLike[str], columns: Sequence[str],
                     writer.write(row)
                     if i % PARQUET_CHUNK_ROWS == 0:
                         writer.flush()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

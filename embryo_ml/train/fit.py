@@ -50,7 +50,7 @@ from embryo_ml.errors import ConfigError
 from embryo_ml.evaluation.gate import FAILED, validation_verdict, verdict_line
 from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
 from embryo_ml.evaluation.selection import Selection, keep_epoch, resolve_selection
-from embryo_ml.fileio import atomic_write_text
+from embryo_ml.fileio import atomic_write_text, durable_replace
 from embryo_ml.models import build_model_with_source, model_normalization
 from embryo_ml.score.quality import QualityThresholds, fit_thresholds
 from embryo_ml.train.calibration import (
@@ -425,7 +425,7 @@ def _fit(
     with tracker_context as tracker:
         if state is None:
             _log_start(tracker, cfg, run, recipe, trainer, precision, device, context)
-            tracker.log_artifact(run_dir / "config.yaml")
+            tracker.log_config(cfg.model_dump(mode="json"))  # paths hashed (privacy)
         if main:
             atomic_write_text(run_dir / "run_id.txt", tracker.run_id or "")
             log.info("MLflow run %s; %d train / %d val images grouped by %s%s", tracker.run_id,
@@ -634,7 +634,7 @@ def _refit(cfg: Config, run: RunData, inputs: Inputs, device: torch.device,
     `best.pt`; the validation run's checkpoint is kept as `selection.pt`. Nothing is held out
     from the refit model: its calibration and verdict are the validation run's (said so in
     `metrics.json`)."""
-    os.replace(run_dir / CHECKPOINT_NAME, run_dir / SELECTION_NAME)
+    durable_replace(run_dir / CHECKPOINT_NAME, run_dir / SELECTION_NAME)
     seed_everything(cfg.seed)
     model, recipe, _ = build_run_model(cfg, run, device, precision)
     rows = np.sort(np.concatenate([run.train_idx, run.val_idx]))

@@ -4,13 +4,12 @@
 `last.pt` holds everything to continue an interrupted run exactly: model, EMA, optimizer and
 scheduler state, the epoch, the history so far, and every random-number stream (torch, numpy,
 python, the DataLoader's shuffling generator and each augmentation's generators). Both are
-written to a temporary name and renamed, and both load with `weights_only=True`: only tensors
-and plain Python values, never arbitrary pickled objects.
+written to a temporary name, fsync'ed and renamed (`embryo_ml.fileio`), and both load with
+`weights_only=True`: only tensors and plain Python values, never arbitrary pickled objects.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,16 @@ import numpy as np
 import torch
 
 from embryo_ml.errors import DataError
+from embryo_ml.fileio import atomic_path
 
 CHECKPOINT_NAME = "best.pt"
 LAST_NAME = "last.pt"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """`torch.save` through `embryo_ml.fileio.atomic_path`: temp name, fsync, rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

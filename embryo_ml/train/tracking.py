@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,6 +66,59 @@ def git_commit() -> str | None:
 def salted_hash(value: str, salt: str = "embryo-ml") -> str:
     """Pseudonymise an identifier before it leaves the machine (patient privacy rule)."""
     return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16]
+
+
+# What reaches MLflow of a file or folder path: clinic folders and file names often carry a
+# patient's name or hospital number, and a param, tag or artifact leaves the machine (a shared
+# tracking server) where the run folder does not. So a value under a path-like key (config
+# `data.manifest`, `data.cache_dir`, `model.pretrained_file`, and any future `*_file`, `*_dir`,
+# `*_path`, `*_folder`, `*manifest` key) is logged as `hash:<16 hex>` plus its extension when it
+# is a known one (`hash:3f2a9c0b1d4e5f60.csv`): runs that read the same path text share the
+# hash, and the extension still says what kind of file it was; the text itself is not
+# recoverable, short of guessing it (the salt is fixed, so a guessed path can be confirmed).
+# What data a run saw is identified by content instead (`data.sha256`, see
+# `embryo_ml.train.fit.dataset_fingerprint`). A URI's password (`https://user:pw@host`) is
+# replaced by `***`. Everything else is logged as it is.
+_PATH_KEY_ENDINGS = ("manifest", "_file", "_dir", "_path", "_folder")
+_KNOWN_EXTENSIONS = frozenset({".csv", ".json", ".jsonl", ".parquet", ".yaml", ".yml",
+                               ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx"})
+
+
+def is_path_key(key: str) -> bool:
+    """True for a param/tag/config key whose value is a file system path."""
+    return key.rsplit(".", 1)[-1].lower().endswith(_PATH_KEY_ENDINGS)
+
+
+def hashed_path(value: str) -> str:
+    """`hash:<salted hash of the text><extension if a known one>`, e.g. `hash:3f2a...60.csv`."""
+    suffix = Path(value).suffix.lower()
+    return f"hash:{salted_hash(value)}{suffix if suffix in _KNOWN_EXTENSIONS else ''}"
+
+
+def _without_password(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def loggable(key: str, value: Any) -> Any:
+    """`value` as it may go to MLflow under `key`: a path hashed (`hashed_path`), a password in
+    a URI masked, anything else unchanged. None and "" stay as they are (nothing to hide)."""
+    if value is None or value == "":
+        return value
+    if is_path_key(key):
+        return hashed_path(str(value))
+    if isinstance(value, str) and "@" in value and "://" in value:
+        return _without_password(value)
+    return value
+
+
+def redact_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict with every value `loggable` under its dotted key."""
+    return {key: redact_tree(value, f"{prefix}{key}.") if isinstance(value, Mapping)
+            else loggable(f"{prefix}{key}", value) for key, value in tree.items()}
 
 
 def artifact_root(uri: str) -> str | None:
@@ -130,11 +184,17 @@ class RunTracker:
         mlflow.end_run(status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        clean = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in params.items()}
+        """Logged as text; paths and credentials as `loggable` makes them (privacy)."""
+        clean = {k: str(loggable(k, v))[:_MAX_PARAM_LENGTH] for k, v in params.items()}
         mlflow.log_params(clean)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        mlflow.set_tags({k: str(loggable(k, v)) for k, v in tags.items() if v is not None})
+
+    def log_config(self, tree: Mapping[str, Any], name: str = "config.yaml") -> None:
+        """The resolved config as an artifact, with its paths hashed as in the params (the
+        run folder keeps the config itself, paths and all, for `--resume`)."""
+        mlflow.log_dict(redact_tree(tree), name)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         finite = {k: float(v) for k, v in metrics.items() if v == v}  # MLflow rejects NaN
