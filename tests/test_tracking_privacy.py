@@ -70,3 +70,28 @@ def test_paths_in_the_config_reach_mlflow_hashed(tmp_path: Path, synth_data: Pat
         assert "Smith_Jane" not in text and str(synth_data.parent) not in text
         assert "s3cret" not in text
     assert yaml.safe_load(config)["data"]["manifest"] == params["data.manifest"]
+
+
+def test_the_logged_checkpoint_holds_hashed_paths(tmp_path: Path, synth_data: Path) -> None:
+    """best.pt goes to MLflow with its config's paths hashed; the run folder's copy keeps them
+    (resume and export read them)."""
+    import torch
+
+    from embryo_ml.train.fit import _log_checkpoint
+
+    patient_folder = tmp_path / "Smith_Jane_1970-01-01"
+    cfg = load_config(None, [f"data.manifest={synth_data}",
+                             f"data.cache_dir={patient_folder / 'cache'}"])
+    local = tmp_path / "best.pt"
+    torch.save({"config": cfg.model_dump(mode="json"), "epoch": 0}, local)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with RunTracker(uri, "privacy") as tracker:
+        _log_checkpoint(tracker, local)
+    mlflow.set_tracking_uri(uri)
+    logged = mlflow.artifacts.download_artifacts(run_id=tracker.run_id or "",
+                                                 artifact_path="checkpoint/best.pt",
+                                                 dst_path=str(tmp_path / "dl"))
+    config = torch.load(logged, weights_only=True)["config"]
+    assert config["data"]["manifest"] == hashed_path(str(synth_data))
+    assert "Smith_Jane" not in json.dumps(config)
+    assert torch.load(local, weights_only=True)["config"]["data"]["manifest"] == str(synth_data)

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -94,6 +95,7 @@ from embryo_ml.train.tracking import (
     RunTracker,
     check_reachable,
     git_commit,
+    redact_tree,
     resolve_tracking_uri,
 )
 from embryo_ml.train.trainer import Trainer, build_trainer, loader_args
@@ -725,7 +727,18 @@ def _log_finish(cfg: Config, run: RunData, tracker: Any, final: dict[str, Any],
     for name in ("metrics.json", "history.csv", "subgroup_metrics.csv"):
         tracker.log_artifact(checkpoint_path.parent / name)
     if cfg.tracking.log_checkpoint:
-        tracker.log_artifact(checkpoint_path, "checkpoint")
+        _log_checkpoint(tracker, checkpoint_path)
+
+
+def _log_checkpoint(tracker: Any, checkpoint_path: Path) -> None:
+    """best.pt as MLflow keeps it: its config's paths hashed (`redact_tree`), as the params
+    are; the run folder's own best.pt keeps the real paths (resume and export read them)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint["config"] = redact_tree(checkpoint["config"])
+    with tempfile.TemporaryDirectory(prefix="embryo-ml-checkpoint-") as folder:
+        copy = Path(folder) / checkpoint_path.name
+        atomic_torch_save(checkpoint, copy)
+        tracker.log_artifact(copy, "checkpoint")
 
 
 def print_verdict(metrics: dict[str, Any]) -> None:
