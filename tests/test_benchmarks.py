@@ -80,7 +80,8 @@ def test_score_throughput_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFix
         assert _positive(summary[key]), (key, summary[key])
     for key in ("decode_ms", "quality_ms", "preprocess_ms", "outside_model_ms"):
         assert _positive(result["per_image_ms"][key]), key
-    expected = {"eager", "ours", "ort_model_only"}
+    expected = {"eager", "ours", "ours_no_trust", "ort_model_only"}
+    assert _positive(summary["ratio_ours_no_trust"])  # the trust layer's cost, same run
     if summary["int8"]:  # the fp32 model is measured beside the bundle's int8 one
         expected |= {"ours_fp32", "ort_model_only_fp32"}
         for key in ("ratio_ours_fp32_eager", "ratio_ours_fp32_ort_fp32",
@@ -92,8 +93,9 @@ def test_score_throughput_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFix
         assert isinstance(result["goals"]["met_ort_1core"], bool)
     assert {r["name"] for r in result["runs"]} == expected
     assert all(r["n"] == 40 for r in result["runs"])
-    assert set(result["goals"]) >= {"met_eager", "met_ort"}
-    assert "ours / eager" in capsys.readouterr().out
+    assert set(result["goals"]) >= {"met_eager", "met_ort", "met_trust"}
+    printed = capsys.readouterr().out
+    assert "ours / eager" in printed and "ours / ours_no_trust" in printed
 
 
 def test_variant_names_round_trip(bench):
