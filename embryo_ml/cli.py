@@ -440,10 +440,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """The installed package's version (importlib.metadata), or the source tree's where the
+    package is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("embryo-ml")
+    except PackageNotFoundError:
+        from embryo_ml import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="embryo-ml", description="Train, export and run IVF embryo image classifiers."
     )
+    parser.add_argument("--version", action="version", version=f"embryo-ml {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback behind an error (also: {DEBUG_ENV}=1)")

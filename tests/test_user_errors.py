@@ -265,3 +265,11 @@ def test_run_json_of_a_real_run_still_resumes_its_data(trained_run: dict) -> Non
     run_dir = trained_run["run_dir"]
     recorded = json.loads((run_dir / "run.json").read_text())["data"]
     assert cli._resumed_data(run_dir) == recorded
+
+
+def test_version_prints_the_installed_version_and_exits_0() -> None:
+    from importlib.metadata import version
+
+    done = run_cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"embryo-ml {version('embryo-ml')}"

@@ -47,7 +47,8 @@ Heatmaps (`embryo_ml.score.explain`, when the bundle has a class activation map 
 extra model runs, batched over PICTURE_BATCH images; `heatmaps=False` skips them.
 
 Safety: every value from the scores file or the bundle (file names, ids, flags, metadata) goes
-through `html.escape`, in text and in attributes alike; the script is static (it reads the
+through `html.escape`, in text and in attributes alike; the script (`assets/report.js`, inlined
+like the style sheet `assets/report.css`) is static (it reads the
 rows' escaped `data-` attributes, builds no HTML and sets no handlers from data), and a
 Content-Security-Policy admits only that script and style (by hash) and `data:` images: even a
 value that slipped through could neither run code nor load anything from the network.
@@ -71,6 +72,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -413,188 +415,16 @@ def _add_pictures(rows: list[_Row], root: Path, heatmaps: _Heatmaps, max_thumbna
 
 # ------------------------------------------------------------------------------ rendering --
 
-_STYLE = """
-:root { --line: #d0d4d9; --muted: #5b6470; --flag: #8a3b00; --flagbg: #fff4e5; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329;
-  margin: 0 auto; max-width: 1400px; padding: 16px 24px 48px; }
-h1 { font-size: 22px; margin: 8px 0 4px; }
-h2 { font-size: 18px; margin: 28px 0 6px; }
-h3 { font-size: 15px; margin: 16px 0 4px; }
-.meta { color: var(--muted); margin: 0 0 12px; }
-.judgement { border-left: 5px solid #b3261e; background: #fdecea; padding: 10px 14px;
-  font-size: 15px; }
-.validation-banner { margin: 8px 0 12px; padding: 12px 16px; font-size: 16px;
-  border-radius: 3px; print-color-adjust: exact; -webkit-print-color-adjust: exact; }
-.validation-banner.failed { background: #b3261e; color: #fff; }
-.validation-banner.inconclusive { background: var(--flagbg); color: var(--flag);
-  border: 2px solid #e08a00; }
-.shift-banner { margin: 8px 0 12px; padding: 12px 16px; font-size: 16px; border-radius: 3px;
-  background: #b3261e; color: #fff; print-color-adjust: exact; -webkit-print-color-adjust: exact; }
-.shift-cohorts { margin: 8px 0 12px; padding: 10px 14px; border-radius: 3px;
-  background: var(--flagbg); color: var(--flag); border: 2px solid #e08a00; }
-.shift-cohorts ul { margin: 4px 0 0; padding-left: 20px; }
-.summary-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr));
-  gap: 8px 32px; }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0; }
-dl.facts dt { color: var(--muted); }
-dl.facts dd { margin: 0; overflow-wrap: anywhere; }
-table { border-collapse: collapse; width: 100%; }
-th, td { border-bottom: 1px solid var(--line); padding: 6px 8px; text-align: left;
-  vertical-align: top; }
-th { background: #f3f5f7; }
-th button { font: inherit; font-weight: 600; border: 0; background: none; padding: 0;
-  cursor: pointer; color: inherit; text-decoration: underline dotted; }
-table.small { width: auto; }
-table.small td, table.small th { padding: 2px 10px 2px 0; border: 0; background: none; }
-.controls { position: sticky; top: 0; z-index: 2; background: #fff; padding: 8px 0;
-  border-bottom: 2px solid var(--line); display: flex; flex-wrap: wrap; gap: 8px 18px;
-  align-items: center; }
-.controls input[type=search] { width: 260px; }
-.pic img { display: block; width: 128px; height: auto; border-radius: 3px; }
-.placeholder { width: 128px; min-height: 64px; border: 1px dashed #9aa3ad; color: var(--muted);
-  font-size: 12px; padding: 6px; display: flex; align-items: center; }
-.score .display { font-size: 20px; font-weight: 700; }
-.score .p, .small-text { color: var(--muted); font-size: 12px; }
-.flags ul { margin: 0; padding-left: 16px; }
-.flags li { color: var(--flag); }
-tr.flagged td { background: var(--flagbg); }
-tr.not-scored td { background: #f1f1f1; }
-.path { overflow-wrap: anywhere; font-family: ui-monospace, Consolas, monospace; font-size: 12px;
-  max-width: 260px; }
-.rank { font-size: 18px; font-weight: 700; text-align: center; }
-@media print { .controls, noscript { display: none; } }
-"""
+def _asset(name: str) -> str:
+    """The text of a file in `embryo_ml/report/assets` (package data), read as bytes so that its
+    newlines reach the report, and the Content-Security-Policy hash, unchanged."""
+    return (files("embryo_ml.report") / "assets" / name).read_bytes().decode("utf-8")
 
-_SCRIPT = """
-(function () {
-  "use strict";
-  var DEFAULTS = {q: "", flag: "all", sort: "rank", dir: "asc"};
-  var FIRST_DIR = {rank: "asc", score: "desc", path: "asc", flags: "desc"};
-  var state = Object.assign({}, DEFAULTS);
-  var rows = Array.prototype.slice.call(document.querySelectorAll("tr[data-image-row]"));
-  var text = document.getElementById("filter-text");
-  var flag = document.getElementById("filter-flag");
-  var sort = document.getElementById("sort-key");
-  var shown = document.getElementById("shown-count");
 
-  // #q=text&flag=flagged&sort=score&dir=asc; a sort without dir takes that key's first dir
-  function readHash() {
-    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
-    ["q", "flag", "sort"].forEach(function (k) {
-      if (params.has(k)) { state[k] = params.get(k); }
-    });
-    if (!FIRST_DIR.hasOwnProperty(state.sort)) { state.sort = DEFAULTS.sort; }
-    var dir = params.get("dir");
-    state.dir = dir === "asc" || dir === "desc" ? dir : FIRST_DIR[state.sort];
-  }
-
-  function writeHash() {
-    var params = new URLSearchParams();
-    ["q", "flag", "sort"].forEach(function (k) {
-      if (state[k] !== DEFAULTS[k]) { params.set(k, state[k]); }
-    });
-    if (state.dir !== FIRST_DIR[state.sort]) { params.set("dir", state.dir); }
-    var hash = params.toString();
-    try {
-      history.replaceState(null, "", hash ? "#" + hash : window.location.pathname);
-    } catch (error) { /* some browsers refuse this for file:// pages; filtering still works */ }
-  }
-
-  function matches(row) {
-    var flags = row.dataset.flags ? row.dataset.flags.split(";") : [];
-    var ok = row.dataset.status === "ok";
-    var f = state.flag;
-    if (f === "flagged" && flags.length === 0) { return false; }
-    if (f === "unflagged" && (flags.length > 0 || !ok)) { return false; }
-    if (f === "not-scored" && ok) { return false; }
-    if (["all", "flagged", "unflagged", "not-scored"].indexOf(f) < 0 &&
-        flags.indexOf(f) < 0) { return false; }
-    var q = state.q.trim().toLowerCase();
-    if (q) {
-      var hay = [row.dataset.path, row.dataset.patient, row.dataset.embryo].join("\\n");
-      if (hay.toLowerCase().indexOf(q) < 0) { return false; }
-    }
-    return true;
-  }
-
-  function number(value, missing) {
-    var x = parseFloat(value);
-    return isNaN(x) ? missing : x;
-  }
-
-  function compare(a, b) {
-    var s = state.sort, sign = state.dir === "desc" ? -1 : 1, d = 0;
-    if (s === "score") {
-      var fill = state.dir === "desc" ? -Infinity : Infinity;  // unscored last either way
-      d = number(a.dataset.score, fill) - number(b.dataset.score, fill);
-    } else if (s === "path") {
-      d = a.dataset.path.localeCompare(b.dataset.path);
-    } else if (s === "flags") {
-      var fa = a.dataset.flags ? a.dataset.flags.split(";").length : 0;
-      var fb = b.dataset.flags ? b.dataset.flags.split(";").length : 0;
-      d = fa - fb;
-    } else {
-      d = number(a.dataset.order, 0) - number(b.dataset.order, 0);
-    }
-    if (d === 0 && s !== "rank") {
-      return number(a.dataset.order, 0) - number(b.dataset.order, 0);
-    }
-    return sign * d;
-  }
-
-  function apply() {
-    text.value = state.q;
-    flag.value = state.flag;
-    sort.value = state.sort;
-    var visible = 0;
-    document.querySelectorAll("tbody[data-cohort-rows]").forEach(function (body) {
-      var mine = Array.prototype.slice.call(body.querySelectorAll("tr[data-image-row]"));
-      mine.sort(compare).forEach(function (row) { body.appendChild(row); });
-      var any = false;
-      mine.forEach(function (row) {
-        var keep = matches(row);
-        row.hidden = !keep;
-        if (keep) { visible += 1; any = true; }
-      });
-      body.closest("section").hidden = !any;
-    });
-    document.querySelectorAll("th button[data-sort]").forEach(function (button) {
-      var on = button.dataset.sort === state.sort;
-      button.closest("th").setAttribute("aria-sort",
-        on ? (state.dir === "asc" ? "ascending" : "descending") : "none");
-    });
-    shown.textContent = "Showing " + visible + " of " + rows.length + " images";
-    document.body.dataset.visibleRows = String(visible);
-  }
-
-  function update(changes) {
-    Object.assign(state, changes);
-    apply();
-    writeHash();
-  }
-
-  text.addEventListener("input", function () { update({q: text.value}); });
-  flag.addEventListener("change", function () { update({flag: flag.value}); });
-  sort.addEventListener("change", function () {
-    update({sort: sort.value, dir: FIRST_DIR[sort.value]});
-  });
-  document.querySelectorAll("th button[data-sort]").forEach(function (button) {
-    button.addEventListener("click", function () {
-      var key = button.dataset.sort;
-      var dir = key === state.sort ? (state.dir === "asc" ? "desc" : "asc") : FIRST_DIR[key];
-      update({sort: key, dir: dir});
-    });
-  });
-  window.addEventListener("hashchange", function () {
-    state = Object.assign({}, DEFAULTS);
-    readHash();
-    apply();
-  });
-  readHash();
-  apply();
-})();
-"""
+# The report's only style sheet and script, inlined (a report is one self-contained file) and
+# admitted by hash in _CSP. The leading newline keeps `<style>` and `<script>` on their own line.
+_STYLE = "\n" + _asset("report.css")
+_SCRIPT = "\n" + _asset("report.js")
 
 
 def _csp_hash(text: str) -> str:
