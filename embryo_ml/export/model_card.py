@@ -31,11 +31,11 @@ import pandas as pd
 from embryo_ml.evaluation.gate import PASSED
 from embryo_ml.evaluation.shortcut import MISSING, column_values, natural_key
 from embryo_ml.export.bundle import MODEL_CARD_FILE, Bundle, file_sha256, reason_text
+from embryo_ml.export.trust import TRAIN_IMAGES_FILE
 from embryo_ml.fileio import atomic_write_text
 
 CARD_VERSION = 1
 METRICS_FILE = "metrics.json"
-TRAIN_IMAGES_FILE = "train_images.csv"  # embryo_ml.train.fit.TRAIN_IMAGES_NAME
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 SUMMARY_COLUMNS = ("day", "clinic", "source", "focal_plane")  # counted per value
 IDENTIFIER_COLUMNS = ("patient_id", "embryo_id", "path")  # counted at most, never copied
