@@ -1,0 +1,59 @@
+"""No behaviour change across refactors: a run trained before the house refactor (#16), exported
+and scored by today's code, gives the scores recorded then (`tests/data/golden/`, rebuilt only
+by `make_golden.py` when a change is meant to alter scores)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.data.golden.make_golden import N_IMAGES, RUN_FILES, SEED, SIZE
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+@pytest.fixture(scope="module")
+def golden_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from embryo_ml.data.synthetic import generate_dataset
+    from embryo_ml.export.onnx_export import export_bundle
+
+    root = tmp_path_factory.mktemp("golden")
+    manifest = generate_dataset(root / "data", n=N_IMAGES, size=SIZE, seed=SEED)
+    run = root / "run"
+    run.mkdir()
+    for name in RUN_FILES:
+        shutil.copy2(GOLDEN / "run" / name, run / name)
+    for name in ("val_predictions.csv", "train_images.csv"):  # stored relative to the data
+        table = pd.read_csv(run / name)
+        table["path"] = [str(root / "data" / p) for p in table["path"]]
+        table.to_csv(run / name, index=False)
+    export_bundle(run, root / "bundle")
+    return manifest, root / "bundle"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_scores_equal_the_pre_refactor_ones(golden_bundle: tuple[Path, Path], tmp_path: Path,
+                                            precision: str) -> None:
+    from embryo_ml.score.scorer import score_images
+
+    manifest, bundle = golden_bundle
+    out = tmp_path / "scores.jsonl"
+    score_images(manifest, bundle, out, precision=precision, progress=False)
+    now = pd.read_json(out, lines=True, dtype=False)
+    prefix = str(manifest.parent.resolve()) + "/"
+    now["path"] = now["path"].str.replace(prefix, "", regex=False)
+    then = pd.read_json(GOLDEN / f"scores.{precision}.jsonl", lines=True, dtype=False)
+    now, then = now.sort_values("path").reset_index(drop=True), then.sort_values("path")
+    then = then.reset_index(drop=True)
+    assert list(now.columns) == list(then.columns)
+    assert now["path"].tolist() == then["path"].tolist()
+    for column in now.columns:
+        if pd.api.types.is_float_dtype(then[column]):
+            np.testing.assert_allclose(now[column], then[column], atol=1e-6, err_msg=column)
+        else:
+            assert now[column].fillna("").astype(str).tolist() == \
+                then[column].fillna("").astype(str).tolist(), column
