@@ -20,8 +20,8 @@ pages, random rectangles, random shapes and scenes of many overlapping shapes (b
 JPEG-compressed), at 64-1000 px, square and not (`non_embryo_images`); `no_embryo` should fire
 on every one.
 
-`--baseline FILE` also runs another version of `embryo_ml/score/quality.py` (for example
-`git show HEAD:embryo_ml/score/quality.py > /tmp/quality_before.py`) on the same images.
+`--baseline FILE` also runs another version of `embryo_ml/data/quality.py` (for example
+`git show HEAD:embryo_ml/data/quality.py > /tmp/quality_before.py`) on the same images.
 
     python benchmarks/no_embryo_real.py [--baseline /tmp/quality_before.py] [--json out.json]
 """
@@ -181,9 +181,9 @@ def non_embryo_images(sizes: tuple[tuple[int, int], ...] = ((64, 64), (128, 128)
 
 
 def load_quality(path: Path | None) -> ModuleType:
-    """embryo_ml.score.quality, or the version in the file `path`."""
+    """embryo_ml.data.quality, or the version in the file `path`."""
     if path is None:
-        from embryo_ml.score import quality
+        from embryo_ml.data import quality
 
         return quality
     spec = importlib.util.spec_from_file_location("quality_baseline", path)

@@ -88,7 +88,7 @@ def run_eager(paths: list[str], run_dir: Path, batch_size: int, workers: int,
     from torchvision import transforms as T
 
     from embryo_ml.config import ModelConfig
-    from embryo_ml.models import build_model
+    from embryo_ml.train.models import build_model
     from embryo_ml.train.state import load_checkpoint
 
     class FileDataset(Dataset):

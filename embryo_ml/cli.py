@@ -112,7 +112,7 @@ def _register_trained(run_dir: Path, run_id: str, tracking_uri: str, name: str) 
     validation = run_validation(run_dir)
     check_registrable(validation, run_dir)
     from embryo_ml.export.onnx_export import export_bundle
-    from embryo_ml.export.pyfunc import log_bundle_model
+    from embryo_ml.serving.pyfunc import log_bundle_model
 
     bundle = export_bundle(run_dir, run_dir / "bundle")
     _warn(export_warning(validation, run_dir))
@@ -217,7 +217,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         signature = sign_bundle(bundle.path, signing_key)
         print(f"signed with key {key_id(signing_key.public_key())} -> {signature}")
     if log_model:
-        from embryo_ml.export.pyfunc import log_bundle_model
+        from embryo_ml.serving.pyfunc import log_bundle_model
 
         logged = log_bundle_model(bundle.path, registered_name=args.register, tracking_uri=uri)
         print(f"logged MLflow model {logged.model_uri} (run {logged.run_id}, store {uri})")

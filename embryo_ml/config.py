@@ -198,7 +198,7 @@ class EvalConfig(_Section):
 
 class TrustConfig(_Section):
     """What a bundle knows about its own limits, fit at export on the run's images (see
-    `embryo_ml.score.trust` and `embryo_ml.score.conformal`)."""
+    `embryo_ml.evaluation.ood` and `embryo_ml.evaluation.conformal`)."""
 
     ood_alpha: float = Field(
         0.01, gt=0.0, lt=0.5, description="out_of_distribution false-alarm rate on images like "

@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 
 from embryo_ml.cli import main
+from embryo_ml.data.scores_file import settings_path
 from embryo_ml.errors import BundleError
 from embryo_ml.export.bundle import (
     BUNDLE_FILE,
@@ -37,7 +38,6 @@ from embryo_ml.export.bundle import (
     read_bundle,
     write_bundle_json,
 )
-from embryo_ml.score.writers import settings_path
 
 MODIFIED = "was modified"
 

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from embryo_ml.numeric import softmax
-from embryo_ml.train.calibration import (
+from embryo_ml.evaluation.calibration import (
     brier_score,
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
 )
+from embryo_ml.numeric import softmax
 
 
 def _calibrated_logits(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

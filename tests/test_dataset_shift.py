@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from embryo_ml.cli import main
+from embryo_ml.data.scores_file import settings_path
 from embryo_ml.export.bundle import Bundle, read_bundle
 from embryo_ml.report.html import SHIFT_BANNER, SHIFT_COHORT, write_report
 from embryo_ml.score.scorer import score_images
@@ -36,7 +37,6 @@ from embryo_ml.score.shift import (
     shift_record,
     shift_warning,
 )
-from embryo_ml.score.writers import settings_path
 from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
 from tests.test_report import _browser, _Page, _row, _write_scores
 

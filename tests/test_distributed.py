@@ -18,9 +18,9 @@ from embryo_ml.config import load_config
 from embryo_ml.data.images import read_image
 from embryo_ml.data.preprocess import preprocess
 from embryo_ml.errors import ConfigError
-from embryo_ml.models import build_model
 from embryo_ml.numeric import softmax
 from embryo_ml.train.fit import fit, resolve_precision
+from embryo_ml.train.models import build_model
 from embryo_ml.train.state import load_checkpoint
 from tests.conftest import TINY_MODEL
 

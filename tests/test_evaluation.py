@@ -19,10 +19,10 @@ from embryo_ml.config import EvalConfig, load_config
 from embryo_ml.errors import ConfigError
 from embryo_ml.evaluation import metrics as weighted
 from embryo_ml.evaluation.bootstrap import GroupBootstrap
+from embryo_ml.evaluation.calibration import expected_calibration_error
 from embryo_ml.evaluation.cohort_metrics import grade_points, within_patient_metrics
 from embryo_ml.evaluation.report import evaluate_predictions
 from embryo_ml.evaluation.selection import resolve_selection
-from embryo_ml.train.calibration import expected_calibration_error
 from tests.conftest import TINY_MODEL
 
 # --- the numerical core ----------------------------------------------------------------------

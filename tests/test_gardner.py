@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from embryo_ml.train.heads import (
+from embryo_ml.data.heads import (
     blockwise_softmax,
     head_columns,
     head_layout,
@@ -227,8 +227,8 @@ def test_gardner_bundle_has_heads_and_a_width_14_output(gardner_run: dict,
 
     from embryo_ml.data.images import read_image
     from embryo_ml.data.preprocess import preprocess
+    from embryo_ml.data.quality import energy_score
     from embryo_ml.export.bundle import read_bundle
-    from embryo_ml.score.quality import energy_score
     from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
 
     checkpoint = load_checkpoint(gardner_run["run_dir"] / CHECKPOINT_NAME)

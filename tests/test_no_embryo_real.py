@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from embryo_ml.data.images import read_image
-from embryo_ml.score.quality import QualityThresholds, find_embryo, image_flags
+from embryo_ml.data.quality import QualityThresholds, find_embryo, image_flags
 from tests.conftest import SHARED_DATA
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -14,11 +14,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from embryo_ml import models
 from embryo_ml.cli import main
 from embryo_ml.config import ModelConfig
 from embryo_ml.errors import ConfigError
-from embryo_ml.models import build_model, build_model_with_source
+from embryo_ml.train import models
+from embryo_ml.train.models import build_model, build_model_with_source
 
 MODEL = "resnet10t"  # ~5M parameters, has timm hub weights (timm/resnet10t.c3_in1k)
 HF_REPO = "timm/resnet10t.c3_in1k"

@@ -216,7 +216,7 @@ def test_the_package_writers_go_through_the_helper(
 
     from embryo_ml.data.manifest import write_manifest
     from embryo_ml.data.synthetic import generate_dataset
-    from embryo_ml.report.plots import save_figure
+    from embryo_ml.evaluation.plots import save_figure
 
     calls: list[int] = []
     real = os.fsync

@@ -70,8 +70,8 @@ def test_onnx_scores_equal_pytorch_on_real_images(
     from embryo_ml.config import ModelConfig
     from embryo_ml.data.images import read_image
     from embryo_ml.data.preprocess import preprocess
-    from embryo_ml.models import build_model
     from embryo_ml.train.fit import load_checkpoint
+    from embryo_ml.train.models import build_model
 
     checkpoint = load_checkpoint(trained_run["run_dir"] / "best.pt")
     model = build_model(ModelConfig(name=TINY_MODEL), 2)

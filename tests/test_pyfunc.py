@@ -27,8 +27,8 @@ import pytest
 from embryo_ml.cli import main
 from embryo_ml.errors import BundleError
 from embryo_ml.export.bundle import read_bundle
-from embryo_ml.export.pyfunc import LoggedBundleModel, log_bundle_model
 from embryo_ml.score.scorer import score_images
+from embryo_ml.serving.pyfunc import LoggedBundleModel, log_bundle_model
 
 SERVE_START_TIMEOUT_S = 90.0
 TOLERANCE = 1e-6

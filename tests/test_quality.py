@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from embryo_ml.data.images import read_image
-from embryo_ml.data.synthetic import generate_dataset, render_embryo, sample_embryo
-from embryo_ml.score.quality import (
+from embryo_ml.data.quality import (
     FLAG_NAMES,
     QualityThresholds,
     energy_score,
@@ -29,6 +28,7 @@ from embryo_ml.score.quality import (
     laplacian_variance,
     logit_flags,
 )
+from embryo_ml.data.synthetic import generate_dataset, render_embryo, sample_embryo
 
 SHARED = Path(os.environ.get("EMBRYO_ML_SHARED_DATA",
                              Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -266,7 +266,7 @@ def test_join_flags() -> None:
 
 
 def test_quality_module_stays_light() -> None:
-    code = ("import sys, embryo_ml.score.quality; "
+    code = ("import sys, embryo_ml.data.quality; "
             "print(sorted(m for m in ('torch', 'mlflow', 'albumentations') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

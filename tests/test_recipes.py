@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_default_recipe_builds_offline_with_pretrained_false() -> None:
-    from embryo_ml.models import build_model
+    from embryo_ml.train.models import build_model
 
     cfg = load_config(CONFIGS / "default.yaml", ["model.pretrained=false"])
     assert cfg.model.pretrained is False and cfg.loss.class_weights == "auto"
@@ -28,7 +28,7 @@ def test_pretrained_file_is_loaded_and_head_skipped(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from embryo_ml.config import ModelConfig
-    from embryo_ml.models import build_model
+    from embryo_ml.train.models import build_model
 
     donor = build_model(ModelConfig(name="test_resnet"), num_classes=5)  # another head size
     weights = {k: v.contiguous() for k, v in donor.state_dict().items()}

@@ -21,8 +21,8 @@ import pytest
 
 import embryo_ml.score.scorer as scorer_module
 from embryo_ml.cli import main
+from embryo_ml.data.scores_file import partial_path
 from embryo_ml.score.scorer import ScoringInterrupted, score_images
-from embryo_ml.score.writers import partial_path
 from tests.fake_bundle import make_fake_bundle, uniform_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from PIL import EpsImagePlugin, Image, ImageFile
 from embryo_ml.data.images import read_image
 from embryo_ml.errors import DataError, ImageReadError
 from embryo_ml.export.bundle import read_bundle
-from embryo_ml.export.pyfunc import LoggedBundleModel, log_bundle_model, predict_frame
 from embryo_ml.score.scorer import OnnxScorer
+from embryo_ml.serving.pyfunc import LoggedBundleModel, log_bundle_model, predict_frame
 from tests.fake_bundle import make_fake_bundle, uniform_image
 
 ROOTS = "EMBRYO_ML_ALLOWED_ROOTS"
@@ -116,7 +116,7 @@ def test_without_roots_no_path_is_read_but_base64_is(scorer: OnnxScorer,
 
 def test_roots_from_the_model_config_and_their_real_path(scorer: OnnxScorer,
                                                          tree: dict[str, Path]) -> None:
-    from embryo_ml.score.served_input import ServedInput
+    from embryo_ml.serving.served_input import ServedInput
 
     link = tree["root"].parent / "root-link"
     link.symlink_to(tree["root"], target_is_directory=True)
@@ -131,7 +131,7 @@ def test_roots_from_the_model_config_and_their_real_path(scorer: OnnxScorer,
 
 
 def test_special_files_are_refused_without_blocking(tree: dict[str, Path]) -> None:
-    from embryo_ml.score.served_input import read_allowed
+    from embryo_ml.serving.served_input import read_allowed
 
     fifo = tree["root"] / "pipe.png"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer forever

@@ -130,7 +130,7 @@ def test_recipe_options_train_with_loaded_weights(synth_data: Path, tmp_path: Pa
     """Class weights, focal loss, smoothing, sampler, EMA and, because weights were loaded
     (model.pretrained_file, written here), a frozen backbone in the first epoch."""
     from embryo_ml.config import ModelConfig
-    from embryo_ml.models import build_model
+    from embryo_ml.train.models import build_model
 
     weights = tmp_path / "weights.pt"
     torch.save(build_model(ModelConfig(name=TINY_MODEL), num_classes=2).state_dict(), weights)

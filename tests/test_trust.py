@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from embryo_ml.errors import BundleError
+from embryo_ml.evaluation.conformal import conformal_flags, fit_conformal, prediction_sets
+from embryo_ml.evaluation.ood import FeatureReference, conformal_limit, knn_distance, normalise
 from embryo_ml.export.bundle import read_bundle, write_bundle_json
-from embryo_ml.score.conformal import conformal_flags, fit_conformal, prediction_sets
-from embryo_ml.score.trust import FeatureReference, conformal_limit, knn_distance, normalise
 from tests.conftest import GATE_UNDECIDED, SHARED_DATA, TINY_MODEL
 
 REAL_SETS = {  # name -> (folder, glob): each an embryo image set unlike the synthetic ones

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embryo_ml import cli, models
+from embryo_ml import cli
 from embryo_ml.cli import EXIT_USER_ERROR, main
+from embryo_ml.train import models
 from tests.conftest import TINY_MODEL, write_image
 
 

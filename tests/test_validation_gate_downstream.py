@@ -235,7 +235,7 @@ def test_train_register_refuses_a_failed_run_and_keeps_it(
 def test_log_bundle_model_refuses_to_register_a_failed_bundle(
     exported: dict, tmp_path: Path
 ) -> None:
-    from embryo_ml.export.pyfunc import log_bundle_model
+    from embryo_ml.serving.pyfunc import log_bundle_model
 
     store = tmp_path / "mlflow.db"
     with pytest.raises(ValidationFailedError, match="never registered"):

@@ -28,7 +28,7 @@ def decode_side(size: int) -> int:
     Training (cache and dataset), validation and scoring all decode through this, so the model
     is scored on exactly the pixels it was validated on. A 500 px JPEG for a 64-224 px model is
     decoded at 250 px (DCT scale 1/2) instead of 500: 3-4x less decoding time. The floor of 128
-    px keeps the quality flags' working image (`embryo_ml.score.quality`, ~128 px) the same as
+    px keeps the quality flags' working image (`embryo_ml.data.quality`, ~128 px) the same as
     from a full decode."""
     return max(int(size), DECODE_MIN_SIDE)
 

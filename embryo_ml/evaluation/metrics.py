@@ -93,7 +93,7 @@ def share(hit: np.ndarray, among: np.ndarray, weights: np.ndarray | None = None)
 def calibration_error(y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None,
                       bins: int = ECE_BINS) -> np.ndarray:
     """Expected calibration error over `bins` equal-width probability bins (see
-    `embryo_ml.train.calibration.expected_calibration_error`): sum over bins of
+    `embryo_ml.evaluation.calibration.expected_calibration_error`): sum over bins of
     |positives - sum of probabilities| / total weight."""
     y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
     w = _as_weights(weights, len(y))

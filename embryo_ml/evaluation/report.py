@@ -251,7 +251,7 @@ def evaluation_figures(
 ) -> dict[str, Any]:
     """PNG name -> matplotlib figure: ROC and PR curves, the score distribution per class, and
     one ROC-per-subgroup figure per subgroup column (`roc_by_<column>.png`)."""
-    from embryo_ml.report.plots import (
+    from embryo_ml.evaluation.plots import (
         pr_figure,
         roc_figure,
         score_distribution_figure,

@@ -47,7 +47,7 @@ class EvaluateResult:
 
 def read_scores(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A scores file from `embryo-ml score` (.csv, .jsonl or .parquet) as a table."""
-    from embryo_ml.score.writers import FORMATS, iter_file_rows
+    from embryo_ml.data.scores_file import FORMATS, iter_file_rows
 
     path = Path(path)
     if not path.is_file():
@@ -149,7 +149,7 @@ def evaluate_scores(
 
 def _write(out_dir: Path, frame: pd.DataFrame, evaluation: Evaluation, counts: dict[str, int],
            cfg: Config, scores: Path, labels: Path, notes: list[str]) -> list[Path]:
-    from embryo_ml.report.plots import confusion_matrix_figure, reliability_figure, save_figure
+    from embryo_ml.evaluation.plots import confusion_matrix_figure, reliability_figure, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     positive = cfg.data.positive_class

@@ -98,12 +98,12 @@ class Bundle:
     # "passed"}, ...]} and, for a failed model exported on request, "exported_despite_failure".
     # None = exported from a run trained before the gate (older bundles have no such field).
     validation: dict[str, Any] | None = None
-    # Feature-space out-of-distribution reference (embryo_ml.score.trust): {"file", "sha256",
+    # Feature-space out-of-distribution reference (embryo_ml.evaluation.ood): {"file", "sha256",
     # "method", "k", "alpha", "feature_output", "n_reference", "n_calibration",
     # "limits": {"fp32": x, "int8": y}, "expected_rate": {"fp32": r, "int8": r}}. None = none
     # (the energy of the logits is the only out-of-distribution signal then).
     ood: dict[str, Any] | None = None
-    # Class-conditional split-conformal prediction sets (embryo_ml.score.conformal): {"alpha",
+    # Class-conditional split-conformal prediction sets (embryo_ml.evaluation.conformal): {"alpha",
     # "score", "quantiles": {class: q}, "n_calibration": {class: n}}. None = no `uncertain` flag.
     conformal: dict[str, Any] | None = None
     # The facts of MODEL_CARD.md (embryo_ml.export.model_card); None = no model card.
@@ -500,7 +500,7 @@ def _quality_problem(b: Bundle) -> str | None:
         if value is not None and not _finite(value):
             return f"'quality' '{key}' must be a finite number or null, got {value!r}"
     # the flags' own judge; imported here because embryo_ml.score sits above this module
-    from embryo_ml.score.quality import QualityThresholds
+    from embryo_ml.data.quality import QualityThresholds
 
     try:
         QualityThresholds.from_dict(b.quality)

@@ -39,8 +39,10 @@ import torch
 from torch import nn
 
 from embryo_ml.config import ModelConfig, TrustConfig
+from embryo_ml.data.heads import Heads, blockwise_softmax, output_width
 from embryo_ml.data.preprocess import RESIZE_POLICY
 from embryo_ml.errors import BundleError, DataError
+from embryo_ml.evaluation.ood import FEATURE_OUTPUT
 from embryo_ml.export.bundle import (
     BUNDLE_FILE,
     MODEL_FILE,
@@ -54,9 +56,7 @@ from embryo_ml.export.model_card import write_model_card
 from embryo_ml.export.quantize import build_int8
 from embryo_ml.export.trust import build_reference, conformal_record
 from embryo_ml.fileio import recover_folder, replace_folder
-from embryo_ml.models import build_model
-from embryo_ml.score.trust import FEATURE_OUTPUT
-from embryo_ml.train.heads import Heads, blockwise_softmax, output_width
+from embryo_ml.train.models import build_model
 from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
 from embryo_ml.versions import package_versions
 
@@ -116,7 +116,8 @@ class ExportModel(nn.Module):
     """`image -> (logits[, cam][, features])`: the model's logits, computed as before; with a
     `local_head`, the class activation map of the first `n_classes` outputs from the same
     feature map; with `features`, the pooled penultimate features the classifier reads (timm's
-    `forward_head(pre_logits=True)`), for the out-of-distribution score (`embryo_ml.score.trust`).
+    `forward_head(pre_logits=True)`), for the out-of-distribution score
+    (`embryo_ml.evaluation.ood`).
     """
 
     def __init__(self, model: nn.Module, local_head: LocalHead | None, n_classes: int,

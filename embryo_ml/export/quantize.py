@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embryo_ml.data.heads import blockwise_softmax
 from embryo_ml.data.preprocess import preprocess, read_for_model
 from embryo_ml.errors import ImageReadError
-from embryo_ml.train.heads import blockwise_softmax
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Fit what a bundle knows about its own limits, at export: the feature-space
-out-of-distribution reference (`embryo_ml.score.trust` has the score and its guarantee) and the
-conformal prediction sets behind the `uncertain` flag (`embryo_ml.score.conformal`).
+out-of-distribution reference (`embryo_ml.evaluation.ood` has the score and its guarantee) and the
+conformal prediction sets behind the `uncertain` flag (`embryo_ml.evaluation.conformal`).
 
 Conformal sets are fit on `val_predictions.csv` (true label and calibrated probabilities).
 
@@ -27,11 +27,8 @@ import pandas as pd
 from embryo_ml.config import TrustConfig
 from embryo_ml.data.preprocess import preprocess, read_for_model
 from embryo_ml.errors import ImageReadError
-from embryo_ml.export.bundle import file_sha256
-from embryo_ml.export.quantize import cpu_session, validation_images
-from embryo_ml.fileio import atomic_open
-from embryo_ml.score.conformal import fit_conformal
-from embryo_ml.score.trust import (
+from embryo_ml.evaluation.conformal import fit_conformal
+from embryo_ml.evaluation.ood import (
     FEATURE_OUTPUT,
     METHOD,
     REFERENCE_FILE,
@@ -39,6 +36,9 @@ from embryo_ml.score.trust import (
     knn_distance,
     normalise,
 )
+from embryo_ml.export.bundle import file_sha256
+from embryo_ml.export.quantize import cpu_session, validation_images
+from embryo_ml.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 

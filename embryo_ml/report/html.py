@@ -80,18 +80,18 @@ import cv2
 import numpy as np
 
 from embryo_ml.data.images import read_image
+from embryo_ml.data.quality import FLAG_NAMES
+from embryo_ml.data.scores_file import embryos_path, iter_file_rows, output_format, settings_path
 from embryo_ml.errors import BundleError, DataError, ImageReadError
 from embryo_ml.export.bundle import Bundle, identity, read_bundle, reason_text
 from embryo_ml.export.model_card import MODEL_CARD_FILE, card_summary
 from embryo_ml.fileio import atomic_write_text
-from embryo_ml.score.quality import FLAG_NAMES
 from embryo_ml.score.shift import (
     count_flagged,
     format_percent,
     mostly_flagged_cohorts,
     shift_record,
 )
-from embryo_ml.score.writers import embryos_path, iter_file_rows, output_format, settings_path
 
 __all__ = ["DEFAULT_MAX_THUMBNAILS", "FLAG_TEXT", "INTENDED_USE", "JUDGEMENT_NOTE",
            "SHIFT_BANNER", "VALIDATION_BANNER", "flag_text", "write_report"]

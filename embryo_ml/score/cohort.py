@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from embryo_ml.score.quality import FLAG_NAMES
+from embryo_ml.data.quality import FLAG_NAMES
 
 AGGREGATES = ("mean", "max")
 EMBRYO_COLUMNS = ["patient_id", "embryo_id", "embryo_score", "display_score", "label_pred",

@@ -4,7 +4,7 @@ Images are streamed (a folder is walked lazily, never listed with its pixels int
 that cannot be decoded gets a row whose `status` says why, and the run goes on. Every batch's rows
 are flushed to disk before the next batch, so an interrupted run keeps what it finished; the
 output format (`.csv`, `.jsonl`, `.parquet`) and how each survives an interruption are described
-in `embryo_ml.score.writers`.
+in `embryo_ml.data.scores_file`.
 
 Columns of an `ok` row:
 
@@ -30,7 +30,7 @@ average of views is usually a little less extreme, so TTA scores may be slightly
 the `out_of_distribution` flag uses the unaugmented view, the one its threshold was fitted on.
 
 Rows go to the partial file (`scores.csv` -> `scores.csv.partial.csv`, see
-`embryo_ml.score.writers`); the scores file itself is replaced only when the run has finished, so
+`embryo_ml.data.scores_file`); the scores file itself is replaced only when the run has finished, so
 an earlier complete one survives a failed or interrupted re-run. `--resume` continues the partial
 file (or starts it from a finished scores file): it skips images whose `path` is already there
 (after dropping a torn last record) and appends the rest. SIGINT (Ctrl-C) and SIGTERM request a
@@ -68,16 +68,8 @@ import pandas as pd
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS, is_image_file
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.data.preprocess import RESIZE_POLICY, preprocess, read_for_model
-from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
-from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
-from embryo_ml.fileio import atomic_write_text
-from embryo_ml.numeric import softmax
-from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts, display_score
-from embryo_ml.score.conformal import conformal_flags
-from embryo_ml.score.quality import QualityThresholds, image_flags, join_flags, logit_flags
-from embryo_ml.score.shift import shift_record
-from embryo_ml.score.trust import FeatureReference
-from embryo_ml.score.writers import (
+from embryo_ml.data.quality import QualityThresholds, image_flags, join_flags, logit_flags
+from embryo_ml.data.scores_file import (
     embryos_path,
     iter_file_rows,
     output_format,
@@ -87,6 +79,14 @@ from embryo_ml.score.writers import (
     settings_path,
     write_table,
 )
+from embryo_ml.errors import BundleError, ConfigError, DataError, ImageReadError
+from embryo_ml.evaluation.conformal import conformal_flags
+from embryo_ml.evaluation.ood import FeatureReference
+from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
+from embryo_ml.fileio import atomic_write_text
+from embryo_ml.numeric import softmax
+from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts, display_score
+from embryo_ml.score.shift import shift_record
 
 GARDNER_HEADS = ("expansion", "icm", "te")
 log = logging.getLogger(__name__)

@@ -3,9 +3,9 @@
 Each scored image may carry the `out_of_distribution` flag. Its limit was set on the validation
 images, so the share of images like those that it flags (the expected false-alarm rate) is
 known: `Bundle.ood["expected_rate"][precision]` for a bundle with a feature-space reference
-(`embryo_ml.score.trust`; its nominal `alpha` when the scoring model's own rate is missing),
+(`embryo_ml.evaluation.ood`; its nominal `alpha` when the scoring model's own rate is missing),
 0.01 for an older bundle whose only signal is the logits' energy (limit: the 0.99 quantile of
-the validation energies, `embryo_ml.score.quality.fit_thresholds`). A bundle with neither has
+the validation energies, `embryo_ml.data.quality.fit_thresholds`). A bundle with neither has
 no such flag and no shift test: the record says `"available": false` and why.
 
 The test (`dataset_shift`): with n ok images scored, k of them flagged and expected rate r, the
@@ -160,7 +160,7 @@ def beta_binomial_tail(k: int, m: int, a: int, b: int) -> float:
 def calibration_null(bundle: Bundle, precision: str) -> tuple[int, int] | None:
     """(a, b) of the Beta law of the flag's false-alarm rate over calibration sets, for a
     feature-space reference whose limit is the rank-th smallest of n calibration scores:
-    a = n + 1 - rank, b = rank (`embryo_ml.score.trust.conformal_limit`); None otherwise."""
+    a = n + 1 - rank, b = rank (`embryo_ml.evaluation.ood.conformal_limit`); None otherwise."""
     ood = bundle.ood or {}
     n, alpha = ood.get("n_calibration"), _rate(ood.get("alpha"))
     if not isinstance(n, int) or isinstance(n, bool) or n < 1 or alpha is None:

@@ -31,18 +31,18 @@ import numpy as np
 import pandas as pd
 
 from embryo_ml.config import Config, save_config
+from embryo_ml.data.heads import GRADE_HEADS, head_layout
 from embryo_ml.data.labels import build_targets
 from embryo_ml.data.manifest import load_table, read_manifest
 from embryo_ml.data.splits import group_keys, make_splits
 from embryo_ml.errors import DataError
 from embryo_ml.evaluation import metrics as weighted
 from embryo_ml.evaluation.bootstrap import GroupBootstrap
+from embryo_ml.evaluation.plots import reliability_figure
 from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
 from embryo_ml.evaluation.shortcut import baseline_scores
 from embryo_ml.fileio import atomic_write_text
-from embryo_ml.report.plots import reliability_figure
 from embryo_ml.train.fit import evaluation_frame, fit
-from embryo_ml.train.heads import GRADE_HEADS, head_layout
 from embryo_ml.train.tracking import RunTracker
 
 SUMMARY_METRICS = ("auc", "pr_auc", "balanced_accuracy", "sensitivity", "specificity")

@@ -42,24 +42,32 @@ import embryo_ml
 from embryo_ml.config import CalibrationConfig, Config, save_config
 from embryo_ml.data.cache import DecodedCache
 from embryo_ml.data.dataset import EmbryoImageDataset
+from embryo_ml.data.heads import (
+    Heads,
+    head_accuracies,
+    head_columns,
+    head_layout,
+    head_summary,
+    main_output,
+    output_width,
+)
 from embryo_ml.data.labels import build_targets
 from embryo_ml.data.manifest import load_table
 from embryo_ml.data.preprocess import decode_side, read_for_model
+from embryo_ml.data.quality import QualityThresholds, fit_thresholds
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.data.transforms import build_eval_transform, build_train_transform
 from embryo_ml.errors import ConfigError
-from embryo_ml.evaluation.gate import FAILED, validation_verdict, verdict_line
-from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
-from embryo_ml.evaluation.selection import Selection, keep_epoch, resolve_selection
-from embryo_ml.fileio import atomic_write_text, durable_replace
-from embryo_ml.models import build_model_with_source, model_normalization
-from embryo_ml.score.quality import QualityThresholds, fit_thresholds
-from embryo_ml.train.calibration import (
+from embryo_ml.evaluation.calibration import (
     brier_score,
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
 )
+from embryo_ml.evaluation.gate import FAILED, validation_verdict, verdict_line
+from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
+from embryo_ml.evaluation.selection import Selection, keep_epoch, resolve_selection
+from embryo_ml.fileio import atomic_write_text, durable_replace
 from embryo_ml.train.distributed import (
     DistContext,
     barrier,
@@ -69,17 +77,9 @@ from embryo_ml.train.distributed import (
     shard_indices,
     shutdown,
 )
-from embryo_ml.train.heads import (
-    Heads,
-    head_accuracies,
-    head_columns,
-    head_layout,
-    head_summary,
-    main_output,
-    output_width,
-)
 from embryo_ml.train.loop import EvalOutput, Precision, evaluate
 from embryo_ml.train.metrics import binary_metrics, confusion, softmax
+from embryo_ml.train.models import build_model_with_source, model_normalization
 from embryo_ml.train.precision import resolve_precision
 from embryo_ml.train.recipe import Recipe, resolve_recipe
 from embryo_ml.train.state import (
@@ -695,7 +695,7 @@ def _log_finish(cfg: Config, run: RunData, tracker: Any, final: dict[str, Any],
                 out: EvalOutput, probs: np.ndarray, calibrated: dict[str, float],
                 is_positive: np.ndarray, checkpoint_path: Path) -> None:
     """Final metrics, tags, figures and artifacts to MLflow."""
-    from embryo_ml.report.plots import (  # matplotlib: imported when the figures are drawn
+    from embryo_ml.evaluation.plots import (  # matplotlib: imported when the figures are drawn
         confusion_matrix_figure,
         reliability_figure,
         training_curves_figure,

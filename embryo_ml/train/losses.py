@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from embryo_ml.config import LossConfig
+from embryo_ml.data.heads import Heads, head_logits, head_targets, main_logits, main_targets
 from embryo_ml.errors import ConfigError
-from embryo_ml.train.heads import Heads, head_logits, head_targets, main_logits, main_targets
 
 IGNORE = -1  # target index of a grade that is not assessable
 

@@ -1,7 +1,7 @@
 """MLflow for training: everything training logs goes through `RunTracker`; the model registry
 goes through `register_model`.
 
-Two modules import mlflow: this one, and `embryo_ml.export.pyfunc`, which must subclass
+Two modules import mlflow: this one, and `embryo_ml.serving.pyfunc`, which must subclass
 `mlflow.pyfunc.PythonModel` and call `mlflow.pyfunc.log_model` to make the scoring bundle an MLflow
 model (that cannot be done without mlflow). Runs, experiments, reachability and the registry stay
 here; the scoring path (`embryo_ml.score`, `embryo_ml.export.bundle`) imports neither.

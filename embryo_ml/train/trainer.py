@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from embryo_ml.config import Config
+from embryo_ml.data.heads import Heads, output_width
 from embryo_ml.train.distributed import DistContext, mean_across_ranks
 from embryo_ml.train.ema import WarmupEma
-from embryo_ml.train.heads import Heads, output_width
 from embryo_ml.train.loop import Precision, train_one_epoch
 from embryo_ml.train.losses import MultiHeadLoss, build_criterion
 from embryo_ml.train.recipe import Recipe

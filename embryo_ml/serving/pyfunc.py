@@ -14,7 +14,7 @@ else `path`. Output: one row per input row, in order: `id` (the input's id, else
 `flags`, and any further column the scorer adds. A bad row gets a status, never an exception.
 Scores of unscored rows are None (JSON null), not NaN.
 
-What a request may make the server read, and its limits, are `embryo_ml.score.served_input`'s
+What a request may make the server read, and its limits, are `embryo_ml.serving.served_input`'s
 rules: `image_base64` always; a `path` only under the allowed roots (`allowed_roots` in the model
 config or `EMBRYO_ML_ALLOWED_ROOTS`; none by default: every path is `unreadable: path not
 allowed`). A request of more than `max_rows` rows is refused as a whole with an
@@ -45,8 +45,8 @@ from embryo_ml.errors import DataError, TrackingError
 from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.export.gate import check_registrable
 from embryo_ml.score.scorer import Loaded, OnnxScorer, batch_rows
-from embryo_ml.score.served_input import ALLOWED_ROOTS_KEY, LIMITS, ServedInput, ServedRequest
-from embryo_ml.score.served_input import decode_base64 as decode_base64  # (was defined here)
+from embryo_ml.serving.served_input import ALLOWED_ROOTS_KEY, LIMITS, ServedInput, ServedRequest
+from embryo_ml.serving.served_input import decode_base64 as decode_base64  # (was defined here)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _output_frame(rows: list[dict], ids: list[str], index: pd.Index, bundle: Bun
 class BundleModel(PythonModel):
     """The pyfunc model. `model_config` may set `threads` (ONNX Runtime), `batch_size`,
     `workers` (decoding threads), `precision` ("auto", "fp32", "int8"), and what a request may
-    read (`embryo_ml.score.served_input`): `allowed_roots` (a list of folders), `max_rows`,
+    read (`embryo_ml.serving.served_input`): `allowed_roots` (a list of folders), `max_rows`,
     `max_image_bytes`, `max_pixels` and `max_request_pixels`. A setting the config leaves out
     comes from its environment variable (`EMBRYO_ML_ALLOWED_ROOTS`, `EMBRYO_ML_MAX_ROWS`, ...)
     as it is when a request arrives, else its default. The config is given to

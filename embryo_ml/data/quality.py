@@ -12,8 +12,8 @@ flag comes from the logits. Thresholds are learned from training images and vali
 on the same gradients: the first for whole wells and loosely framed embryos (a Hough vote and
 a full ring), the second for close crops whose zona touches or leaves the frame. Images whose
 edges are mostly ruler-straight (drawn shapes, text) or only smooth slopes (vignettes, blobs)
-are ruled out first. The search lives in `embryo_ml.score.embryo_detector` (its `find_embryo` is
-re-exported here); the grey working image both read, in `embryo_ml.score.working_image`. On the
+are ruled out first. The search lives in `embryo_ml.data.embryo_detector` (its `find_embryo` is
+re-exported here); the grey working image both read, in `embryo_ml.data.working_image`. On the
 shared real samples, whole and cropped close at 0-15% margins and off-centre, at most 0.2% of
 the images are flagged (`benchmarks/no_embryo_real.py`, `tests/test_no_embryo_real.py`).
 
@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
-from embryo_ml.score.embryo_detector import _has_embryo, find_embryo
-from embryo_ml.score.working_image import WORK_SIDE as WORK_SIDE
-from embryo_ml.score.working_image import _detection_image, _gray, _working
+from embryo_ml.data.embryo_detector import _has_embryo, find_embryo
+from embryo_ml.data.working_image import WORK_SIDE as WORK_SIDE
+from embryo_ml.data.working_image import _detection_image, _gray, _working
 
 __all__ = [
     "FLAG_NAMES",

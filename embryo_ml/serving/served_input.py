@@ -1,5 +1,5 @@
 """What a served model reads: images sent with the request, files only under allowed roots, and
-limits per request. MLflow-free (the pyfunc model in `embryo_ml.export.pyfunc` applies it), so
+limits per request. MLflow-free (the pyfunc model in `embryo_ml.serving.pyfunc` applies it), so
 any other server can apply the same rules.
 
 A model server answers whoever can reach it, so a request must not make it read or reveal the

@@ -6,6 +6,6 @@ else (the bundle, the scorer) comes from the model's artifacts in `BundleModel.l
 
 import mlflow
 
-from embryo_ml.export.pyfunc import BundleModel
+from embryo_ml.serving.pyfunc import BundleModel
 
 mlflow.models.set_model(BundleModel())

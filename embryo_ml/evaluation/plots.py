@@ -86,7 +86,7 @@ def reliability_figure(
     """Observed positive rate against mean predicted probability per bin, before and after
     temperature scaling (or, with `p_before=None`, of the scores as given); the diagonal is
     perfect calibration."""
-    from embryo_ml.train.calibration import expected_calibration_error, reliability_bins
+    from embryo_ml.evaluation.calibration import expected_calibration_error, reliability_bins
 
     fig, ax = plt.subplots(figsize=(4.4, 4.4))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)

@@ -1,8 +1,8 @@
 """Embryo detection: is there an embryo-sized round outline (the zona pellucida)?
 
 `find_embryo` returns the outline's circle (or None); `_has_embryo` answers only whether there
-is one, as cheaply as it can, for the `no_embryo` flag (`embryo_ml.score.quality.image_flags`).
-Both read one grey copy of the image resized to WORK_SIDE px (`embryo_ml.score.working_image`).
+is one, as cheaply as it can, for the `no_embryo` flag (`embryo_ml.data.quality.image_flags`).
+Both read one grey copy of the image resized to WORK_SIDE px (`embryo_ml.data.working_image`).
 
 How it decides, in two looks on the same gradients:
 
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
-from embryo_ml.score.working_image import _detection_image, _gray, _working
+from embryo_ml.data.working_image import _detection_image, _gray, _working
 
 __all__ = ["MAX_RADIUS", "MIN_RADIUS", "find_embryo"]
 

@@ -2,8 +2,8 @@
 
 An image is made grey (`_gray`), shrunk by a whole factor to about WORK_SIDE px on its longer
 side (`_working`: the focus and exposure measures), and for the embryo search resized to exactly
-WORK_SIDE (`_detection_image`). Shared by `embryo_ml.score.quality` (the flags) and
-`embryo_ml.score.embryo_detector` (the round-outline search), so neither imports the other's
+WORK_SIDE (`_detection_image`). Shared by `embryo_ml.data.quality` (the flags) and
+`embryo_ml.data.embryo_detector` (the round-outline search), so neither imports the other's
 internals for it.
 
 numpy and OpenCV only: the scoring path imports neither torch nor mlflow.

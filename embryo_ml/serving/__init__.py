@@ -1,0 +1,1 @@
+"""Serving: the MLflow pyfunc model and the checks on what a served request may read."""
