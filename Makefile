@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup browser demo test test-fast lint clean
+.PHONY: setup browser demo test test-fast lint docs clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	  free < 8 and print(f'setup: only {free:.1f} GiB free on this disk; .venv needs about 7 GiB', file=sys.stderr)"
 	# torch first, from the pinned builds (a plain `torch` would pull a newer multi-GB build)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -43,6 +43,10 @@ test-fast: $(STAMP) browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check embryo_ml tests scripts benchmarks
+
+# The documentation site (mkdocs-material; the CLI reference is generated from the parser)
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf demo_out .pytest_cache

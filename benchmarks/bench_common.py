@@ -24,6 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from embryo_ml.fileio import atomic_write_text
+
 # albumentations asks pypi.org for a newer version when imported (2 s timeout): not while timing.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -187,9 +189,7 @@ def write_json(path: Path | None, record: dict[str, Any]) -> None:
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
               **record}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_plain) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2, default=_plain) + "\n")
 
 
 def _plain(value: Any) -> Any:

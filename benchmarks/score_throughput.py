@@ -89,7 +89,7 @@ def run_eager(paths: list[str], run_dir: Path, batch_size: int, workers: int,
 
     from embryo_ml.config import ModelConfig
     from embryo_ml.train.models import build_model
-    from embryo_ml.train.state import load_checkpoint
+    from embryo_ml.train.run_folder import load_checkpoint
 
     class FileDataset(Dataset):
         def __init__(self, files: list[str], transform: Any) -> None:

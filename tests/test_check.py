@@ -12,15 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embryo_ml.data.check import (
-    CheckReport,
-    check_data,
-    detail_hash,
-    format_report,
-    near_duplicate_groups,
-    perceptual_hash,
-)
+from embryo_ml.data.check import CheckReport, check_data
+from embryo_ml.data.check_format import format_report
 from embryo_ml.data.manifest import load_table
+from embryo_ml.data.near_duplicates import detail_hash, near_duplicate_groups, perceptual_hash
 from embryo_ml.errors import DataError
 from tests.conftest import SHARED_DATA, write_image
 

@@ -10,16 +10,14 @@ import pandas as pd
 import pytest
 
 from embryo_ml.cli import main
-from embryo_ml.config import load_config
 from embryo_ml.train.cv import bootstrap_ci, cross_validate, format_summary
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, tiny_config
 
 
 def test_cross_validation_runs_and_tracks_folds(synth_data: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'cv.db'}"
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1",
-                             "train.batch_size=16", f"tracking.tracking_uri={uri}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(uri, "data.image_size=32", "train.epochs=1", "train.batch_size=16",
+                      "tracking.log_checkpoint=false")
     result = cross_validate(cfg, synth_data, 3, tmp_path / "cv", progress=False, n_boot=200)
     manifest = pd.read_csv(synth_data)
     oof = result.oof

@@ -21,8 +21,8 @@ from embryo_ml.errors import ConfigError
 from embryo_ml.numeric import softmax
 from embryo_ml.train.fit import fit, resolve_precision
 from embryo_ml.train.models import build_model
-from embryo_ml.train.state import load_checkpoint
-from tests.conftest import TINY_MODEL
+from embryo_ml.train.run_folder import load_checkpoint
+from tests.conftest import TINY_MODEL, tiny_config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -76,9 +76,8 @@ def test_precision_settings() -> None:
 
 
 def test_bf16_autocast_and_channels_last_train_on_cpu(synth_data: Path, tmp_path: Path) -> None:
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=48", "train.epochs=1",
-                             "train.batch_size=16", "train.amp=bf16", "train.channels_last=true",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=48", "train.epochs=1",
+                      "train.batch_size=16", "train.amp=bf16", "train.channels_last=true")
     result = fit(cfg, synth_data, tmp_path / "run", progress=False)
     assert np.isfinite(result.metrics["val_loss"])
     params = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id).data.params

@@ -23,7 +23,7 @@ from embryo_ml.evaluation.calibration import expected_calibration_error
 from embryo_ml.evaluation.cohort_metrics import grade_points, within_patient_metrics
 from embryo_ml.evaluation.report import evaluate_predictions
 from embryo_ml.evaluation.selection import resolve_selection
-from tests.conftest import TINY_MODEL
+from tests.conftest import tiny_config
 
 # --- the numerical core ----------------------------------------------------------------------
 
@@ -258,11 +258,11 @@ def test_tiny_cnn_on_day_shortcut_data_looks_good_overall_and_is_called_out(
     manifest = generate_dataset(tmp_path / "data", n=300, size=64, seed=5, label_rule="day",
                                 day_good_rates=(0.15, 0.85))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(None, [
-        f"model.name={TINY_MODEL}", "data.image_size=64", "train.epochs=8", "train.batch_size=16",
+    cfg = tiny_config(
+        uri, "data.image_size=64", "train.epochs=8", "train.batch_size=16",
         "train.lr=0.003", "train.threads=1", "train.augment=false", "data.val_fraction=0.3",
         "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "train.select_metric=auc",
-        f"tracking.tracking_uri={uri}", "tracking.log_checkpoint=false"])
+        "tracking.log_checkpoint=false")
     result = fit(cfg, manifest, tmp_path / "run", progress=False)
     metrics = result.metrics
     assert metrics["select_metric"] == "auc"

@@ -20,7 +20,7 @@ from embryo_ml.data.images import read_image
 from embryo_ml.errors import BundleError
 from embryo_ml.export.bundle import Bundle, file_sha256, read_bundle, write_bundle_json
 from embryo_ml.score import explain as ex
-from embryo_ml.score.scorer import OnnxScorer, ScoreItem, batch_rows, load_item
+from embryo_ml.score.scorer import OnnxScorer, ScoreItem, load_item, score_batch
 from tests.conftest import TINY_MODEL, write_image
 from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
 
@@ -216,7 +216,7 @@ def test_heatmap_size_range_and_class_choice(bundle_dir: Path, synth_data: Path)
 
     explained = ex.explain(scorer, images)
     assert explained is not None
-    rows = batch_rows(scorer, [load_item(scorer, ScoreItem(str(p), str(p))) for p in paths])
+    rows = score_batch(scorer, [load_item(scorer, ScoreItem(str(p), str(p))) for p in paths])
     assert [e.class_name for e in explained] == [row["label_pred"] for row in rows]
     assert [e.score for e in explained] == pytest.approx([float(r["score"]) for r in rows],
                                                          abs=1e-6)

@@ -21,7 +21,7 @@ from embryo_ml.data.heads import (
     output_width,
 )
 from embryo_ml.train.losses import MultiHeadLoss, masked_cross_entropy
-from tests.conftest import TINY_MODEL
+from tests.conftest import tiny_config
 
 EXPECTED_HEADS = {
     "expansion": {"offset": 2, "classes": ["1", "2", "3", "4", "5", "6"]},
@@ -142,23 +142,19 @@ def gardner_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gardner_run(tmp_path_factory: pytest.TempPathFactory, gardner_data: Path) -> dict:
-    from embryo_ml.config import load_config
     from embryo_ml.export.onnx_export import export_bundle
     from embryo_ml.train.fit import fit
 
     root = tmp_path_factory.mktemp("gardner-run")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     # Augmentation off: 12 epochs on 144 images is too short to learn through it. One thread:
     # this tiny model gains nothing from more, and a busy machine makes more much slower.
-    cfg = load_config(None, [
-        f"model.name={TINY_MODEL}", "data.image_size=64", "train.epochs=12",
-        "train.batch_size=16", "train.lr=0.003", "train.augment=false", "seed=4",
-        "train.threads=1",
-        "labels.task=gardner", f"tracking.tracking_uri={uri}", "tracking.experiment=gardner",
-    ])
+    cfg = tiny_config(root / "mlflow.db", "data.image_size=64", "train.epochs=12",
+                      "train.batch_size=16", "train.lr=0.003", "train.augment=false", "seed=4",
+                      "train.threads=1", "labels.task=gardner", "tracking.experiment=gardner")
     result = fit(cfg, gardner_data, root / "run", progress=False)
     bundle = export_bundle(root / "run", root / "bundle")
-    return {"result": result, "run_dir": root / "run", "uri": uri, "bundle": bundle}
+    return {"result": result, "run_dir": root / "run", "uri": cfg.tracking.tracking_uri,
+            "bundle": bundle}
 
 
 def test_gardner_run_writes_per_head_metrics(gardner_run: dict) -> None:
@@ -229,7 +225,8 @@ def test_gardner_bundle_has_heads_and_a_width_14_output(gardner_run: dict,
     from embryo_ml.data.preprocess import preprocess
     from embryo_ml.data.quality import energy_score
     from embryo_ml.export.bundle import read_bundle
-    from embryo_ml.train.state import CHECKPOINT_NAME, load_checkpoint
+    from embryo_ml.train.run_folder import BEST_FILE as CHECKPOINT_NAME
+    from embryo_ml.train.run_folder import load_checkpoint
 
     checkpoint = load_checkpoint(gardner_run["run_dir"] / CHECKPOINT_NAME)
     assert checkpoint["heads"] == EXPECTED_HEADS
@@ -285,14 +282,11 @@ def test_scoring_a_gardner_bundle_reports_the_grade_heads(gardner_run: dict,
 
 def test_gardner_cross_validation_summarises_the_grade_heads(gardner_data: Path,
                                                              tmp_path: Path) -> None:
-    from embryo_ml.config import load_config
     from embryo_ml.train.cv import bootstrap_ci, cross_validate
 
-    cfg = load_config(None, [
-        f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1", "train.threads=1",
-        "train.batch_size=16", "labels.task=gardner", "tracking.log_checkpoint=false",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'cv.db'}",
-    ])
+    cfg = tiny_config(tmp_path / "cv.db", "data.image_size=32", "train.epochs=1",
+                      "train.threads=1", "train.batch_size=16", "labels.task=gardner",
+                      "tracking.log_checkpoint=false")
     result = cross_validate(cfg, gardner_data, 2, tmp_path / "cv", progress=False, n_boot=100)
     summary = result.summary.set_index("metric")
     assert list(summary.index)[-3:] == ["expansion_accuracy", "icm_accuracy", "te_accuracy"]

@@ -21,12 +21,8 @@ import pandas as pd
 import pytest
 
 from embryo_ml.export.bundle import BUNDLE_FILE, Bundle, read_bundle
-from embryo_ml.export.model_card import (
-    MODEL_CARD_FILE,
-    TRAIN_IMAGES_FILE,
-    model_card_facts,
-    render_model_card,
-)
+from embryo_ml.export.model_card import MODEL_CARD_FILE, model_card_facts, render_model_card
+from embryo_ml.export.model_card_facts import TRAIN_IMAGES_FILE
 from embryo_ml.report.html import write_report
 from embryo_ml.score.scorer import score_columns
 from tests.fake_bundle import make_fake_bundle, rewrite_bundle_json
@@ -279,6 +275,6 @@ def test_a_bundle_without_a_card_reads_and_reports(tmp_path: Path) -> None:
 
 
 def test_the_card_knows_the_training_folder_file_name() -> None:
-    from embryo_ml.train.fit import TRAIN_IMAGES_NAME
+    from embryo_ml.train.run_folder import TRAIN_IMAGES_FILE as TRAIN_IMAGES_NAME
 
     assert TRAIN_IMAGES_FILE == TRAIN_IMAGES_NAME

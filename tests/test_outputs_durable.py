@@ -48,10 +48,10 @@ def _manifest(root: Path, name: str = "manifest.csv") -> Path:
 def _fail_in_batch(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseException | None
                    = None) -> None:
     """Batch number `calls` raises `error` (a model that cannot score), or receives SIGTERM."""
-    real = scorer_module.batch_rows
+    real = scorer_module.score_batch
     seen: list[int] = []
 
-    def batch_rows(scorer, batch):  # noqa: ANN001, ANN202 - same signature as the real one
+    def score_batch(scorer, batch):  # noqa: ANN001, ANN202 - same signature as the real one
         seen.append(len(batch))
         if len(seen) == calls:
             if error is not None:
@@ -59,7 +59,7 @@ def _fail_in_batch(monkeypatch: pytest.MonkeyPatch, calls: int, error: BaseExcep
             os.kill(os.getpid(), signal.SIGTERM)
         return real(scorer, batch)
 
-    monkeypatch.setattr(scorer_module, "batch_rows", batch_rows)
+    monkeypatch.setattr(scorer_module, "score_batch", score_batch)
 
 
 def _outputs(folder: Path, names: list[str]) -> dict[str, bytes]:

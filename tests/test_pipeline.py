@@ -15,7 +15,7 @@ from embryo_ml.cli import main
 from embryo_ml.errors import BundleError
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.score.scorer import score_images
-from tests.conftest import GATE_UNDECIDED, TINY_MODEL
+from tests.conftest import GATE_UNDECIDED, TINY_MODEL, tiny_config
 
 
 def test_training_run_is_tracked_in_mlflow(trained_run: dict) -> None:
@@ -234,7 +234,6 @@ def test_score_refuses_oversized_image_per_row(
 
 def test_binary_labels_derived_from_gardner_grades(synth_data: Path, tmp_path: Path) -> None:
     """STORK-style data: the label comes from the grade by the configured rule."""
-    from embryo_ml.config import load_config
     from embryo_ml.train.fit import fit
 
     table = pd.read_csv(synth_data, keep_default_na=False)
@@ -242,10 +241,8 @@ def test_binary_labels_derived_from_gardner_grades(synth_data: Path, tmp_path: P
     table["grade"] = ["4AA" if i % 2 else "2BB" for i in range(len(table))]
     table = table.drop(columns="label")
     table.to_csv(tmp_path / "graded.csv", index=False)
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1",
-                             "labels.from_grade=true",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=1",
+                      "labels.from_grade=true", "tracking.log_checkpoint=false")
     result = fit(cfg, tmp_path / "graded.csv", tmp_path / "run", progress=False)
     assert result.metrics["classes"] == ["good", "poor"]
     predictions = pd.read_csv(tmp_path / "run" / "val_predictions.csv")

@@ -7,16 +7,9 @@ Every prediction is checked against `score_images` (the `embryo-ml score` path) 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,30 +22,16 @@ from embryo_ml.errors import BundleError
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.score.scorer import score_images
 from embryo_ml.serving.pyfunc import LoggedBundleModel, log_bundle_model
+from tests.mlflow_server import mlflow_command, mlflow_env, model_server, unreachable_url
 
-SERVE_START_TIMEOUT_S = 90.0
 TOLERANCE = 1e-6
-
-
-def _mlflow_cli() -> list[str]:
-    script = Path(sys.executable).with_name("mlflow")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "mlflow"]
+# `RunTracker` sets mlflow's process-wide URI; do not leak this module's store.
+pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
 
 
 def _env(tracking_uri: str, allowed_root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["EMBRYO_ML_ALLOWED_ROOTS"] = str(allowed_root)  # served models read no path without it
-    # `mlflow models serve` starts `uvicorn` by name: the venv's bin must be on PATH (activated).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-@pytest.fixture(autouse=True)
-def _forget_global_tracking_uri():
-    """`RunTracker` sets mlflow's process-wide URI; do not leak this module's store."""
-    yield
-    mlflow.set_tracking_uri(None)
+    # served models read no path without EMBRYO_ML_ALLOWED_ROOTS
+    return mlflow_env(MLFLOW_TRACKING_URI=tracking_uri, EMBRYO_ML_ALLOWED_ROOTS=str(allowed_root))
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +46,6 @@ def images(synth_data: Path, bundle_dir: Path, tmp_path_factory: pytest.TempPath
     score_images(folder, bundle_dir, out, progress=False, workers=1, threads=1)
     expected = pd.read_csv(out, dtype="string", keep_default_na=False).set_index("path")
     return {"files": [Path(f) for f in files], "expected": expected, "folder": folder}
-
-
-@pytest.fixture(scope="module")
-def logged(bundle_dir: Path, trained_run: dict) -> LoggedBundleModel:
-    return log_bundle_model(bundle_dir, tracking_uri=trained_run["uri"])
 
 
 def _request(images: dict) -> pd.DataFrame:
@@ -116,19 +90,19 @@ def _check(predictions: pd.DataFrame, images: dict, classes: list[str]) -> None:
 
 
 def test_pyfunc_in_process_matches_the_scorer(
-    logged: LoggedBundleModel, images: dict, trained_run: dict, bundle_dir: Path
+    logged_model: LoggedBundleModel, images: dict, trained_run: dict, bundle_dir: Path
 ) -> None:
     uri = trained_run["uri"]
     client = mlflow.MlflowClient(uri)
-    model_id = logged.model_uri.removeprefix("models:/")
+    model_id = logged_model.model_uri.removeprefix("models:/")
     # Logged into the training run named in bundle.json, with the bundle's hash as a tag.
-    assert logged.run_id == trained_run["result"].run_id == read_bundle(bundle_dir).run_id
+    assert logged_model.run_id == trained_run["result"].run_id == read_bundle(bundle_dir).run_id
     model = client.get_logged_model(model_id)
-    assert model.source_run_id == logged.run_id
+    assert model.source_run_id == logged_model.run_id
     assert model.tags["embryo_ml.bundle_sha256"] == read_bundle(bundle_dir).sha256
 
     mlflow.set_tracking_uri(uri)  # models:/ resolves through the global URI (reset after)
-    loaded = mlflow.pyfunc.load_model(logged.model_uri,
+    loaded = mlflow.pyfunc.load_model(logged_model.model_uri,
                                       model_config={"allowed_roots": [str(images["folder"])]})
     predictions = loaded.predict(_request(images))
     _check(predictions, images, read_bundle(bundle_dir).classes)
@@ -141,10 +115,11 @@ def test_pyfunc_in_process_matches_the_scorer(
         loaded.predict(pd.DataFrame({"file": ["x.png"]}))
 
 
-def test_pyfunc_refuses_a_tampered_bundle(logged: LoggedBundleModel, trained_run: dict,
+def test_pyfunc_refuses_a_tampered_bundle(logged_model: LoggedBundleModel, trained_run: dict,
                                           tmp_path: Path) -> None:
     mlflow.set_tracking_uri(trained_run["uri"])  # models:/ resolves through the global URI
-    local = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path)))
+    local = Path(mlflow.artifacts.download_artifacts(logged_model.model_uri,
+                                                     dst_path=str(tmp_path)))
     onnx_files = list(local.rglob("model.onnx"))
     assert len(onnx_files) == 1
     with open(onnx_files[0], "ab") as handle:
@@ -162,14 +137,14 @@ def test_log_bundle_model_refuses_a_bad_bundle(bundle_dir: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_mlflow_models_predict_cli(logged: LoggedBundleModel, images: dict, trained_run: dict,
-                                   bundle_dir: Path, tmp_path: Path) -> None:
+def test_mlflow_models_predict_cli(logged_model: LoggedBundleModel, images: dict,
+                                   trained_run: dict, bundle_dir: Path, tmp_path: Path) -> None:
     request = _request(images)
     records = json.loads(request.to_json(orient="records"))
     (tmp_path / "input.json").write_text(json.dumps({"dataframe_records": records}))
-    command = [*_mlflow_cli(), "models", "predict", "-m", logged.model_uri,
-               "-i", str(tmp_path / "input.json"), "-t", "json", "--env-manager", "local",
-               "-o", str(tmp_path / "out.json")]
+    command = mlflow_command("models", "predict", "-m", logged_model.model_uri,
+                             "-i", str(tmp_path / "input.json"), "-t", "json",
+                             "--env-manager", "local", "-o", str(tmp_path / "out.json"))
     done = subprocess.run(command, cwd=tmp_path, env=_env(trained_run["uri"], images["folder"]),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -178,54 +153,12 @@ def test_mlflow_models_predict_cli(logged: LoggedBundleModel, images: dict, trai
     _check(pd.DataFrame(predictions), images, read_bundle(bundle_dir).classes)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (mlflow -> uvicorn), then make sure none is left."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    if process.poll() is None:
-        process.wait(timeout=10)
-
-
 @pytest.mark.slow
-def test_mlflow_models_serve_invocations(logged: LoggedBundleModel, images: dict,
+def test_mlflow_models_serve_invocations(logged_model: LoggedBundleModel, images: dict,
                                          trained_run: dict, bundle_dir: Path,
                                          tmp_path: Path) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [*_mlflow_cli(), "models", "serve", "-m", logged.model_uri, "-p", str(port),
-               "-h", "127.0.0.1", "-w", "1", "--env-manager", "local"]
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=tmp_path,
-                                   env=_env(trained_run["uri"], images["folder"]), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-        while not _ping(url):
-            tail = log_path.read_text(errors="replace")[-3000:]
-            assert process.poll() is None, f"server exited ({process.returncode}):\n{tail}"
-            assert time.monotonic() < deadline, f"no /ping answer in time:\n{tail}"
-            time.sleep(0.5)
+    env = _env(trained_run["uri"], images["folder"])
+    with model_server(logged_model.model_uri, cwd=tmp_path, env=env) as (url, process):
         split = json.loads(_request(images).to_json(orient="split", index=False))
         body = json.dumps({"dataframe_split": split}).encode()
         post = urllib.request.Request(f"{url}/invocations", data=body, method="POST",
@@ -234,8 +167,6 @@ def test_mlflow_models_serve_invocations(logged: LoggedBundleModel, images: dict
             assert response.status == 200
             answer = _strict_json(response.read())
         _check(pd.DataFrame(answer["predictions"]), images, read_bundle(bundle_dir).classes)
-    finally:
-        _stop_group(process)
     assert process.poll() is not None
 
 
@@ -260,7 +191,7 @@ def test_export_register_sets_candidate_alias(trained_run: dict, tmp_path: Path,
 
 def test_export_fails_fast_on_unreachable_tracking(trained_run: dict, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = unreachable_url()
     code = main(["-q", "export", str(trained_run["run_dir"]), "--out", str(tmp_path / "b"),
                  "--log-model", "--tracking-uri", dead])
     err = capsys.readouterr().err

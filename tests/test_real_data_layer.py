@@ -16,7 +16,7 @@ from embryo_ml.data.manifest import build_manifest, read_manifest
 from embryo_ml.data.preprocess import resize_square
 from embryo_ml.data.splits import make_splits, verify_no_group_leak
 from embryo_ml.errors import DataError
-from tests.conftest import SHARED_DATA, write_image
+from tests.conftest import SHARED_DATA, tiny_config, write_image
 
 SHARED = SHARED_DATA
 STORK = SHARED / "stork" / "images"
@@ -126,7 +126,6 @@ def test_decoded_cache_decodes_once_and_notices_changes(tmp_path: Path) -> None:
 def test_cached_training_reads_no_image_after_first_epoch(
     synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from embryo_ml.config import load_config
     from embryo_ml.data import cache as cache_module
     from embryo_ml.train.fit import fit
 
@@ -138,10 +137,8 @@ def test_cached_training_reads_no_image_after_first_epoch(
         return real_reader(path, *args)
 
     monkeypatch.setattr(cache_module, "load_square", counting_reader)
-    cfg = load_config(None, ["model.name=test_resnet", "data.image_size=32", "train.epochs=2",
-                             f"data.cache_dir={tmp_path / 'cache'}",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=2",
+                      f"data.cache_dir={tmp_path / 'cache'}", "tracking.log_checkpoint=false")
     fit(cfg, synth_data, tmp_path / "run", progress=False)
     assert len(decoded) == 120  # each image decoded once, over two epochs and evaluation
 
@@ -191,14 +188,12 @@ def test_data_cli_manifest_split(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_cache_is_filled_safely_by_several_loader_workers(
     synth_data: Path, tmp_path: Path
 ) -> None:
-    from embryo_ml.config import load_config
     from embryo_ml.train.fit import fit
 
     cache_dir = tmp_path / "cache"
-    cfg = load_config(None, ["model.name=test_resnet", "data.image_size=32", "train.epochs=2",
-                             "data.num_workers=2", f"data.cache_dir={cache_dir}",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=2",
+                      "data.num_workers=2", f"data.cache_dir={cache_dir}",
+                      "tracking.log_checkpoint=false")
     result = fit(cfg, synth_data, tmp_path / "run", progress=False)
     entries = list(cache_dir.rglob(f"*{ENTRY_SUFFIX}"))
     assert len(entries) == 120 and not list(cache_dir.rglob(".*"))  # no temporary file left

@@ -16,7 +16,7 @@ from embryo_ml.evaluation.report import evaluate_predictions
 from embryo_ml.evaluation.selection import resolve_selection
 from embryo_ml.evaluation.subgroups import mean_group_auc, pooled_group_auc
 from embryo_ml.train.ema import WarmupEma, ema_decay_cap
-from tests.conftest import TINY_MODEL
+from tests.conftest import tiny_config
 
 # --- EMA ------------------------------------------------------------------------------------
 
@@ -169,7 +169,7 @@ def test_auto_precision_follows_bf16_detection(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_learning_warning_names_the_causes() -> None:
-    from embryo_ml.train.fit import learning_warning
+    from embryo_ml.train.epochs import learning_warning
 
     flat = [{"train_loss": 0.70}, {"train_loss": 0.69}, {"train_loss": 0.69}]
     falling = [{"train_loss": 0.70}, {"train_loss": 0.60}, {"train_loss": 0.50}]
@@ -196,9 +196,8 @@ def broken_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     table["label"] = table["label"].sample(frac=1.0, random_state=0).to_numpy()
     table.to_csv(manifest, index=False)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=2",
-                             "train.batch_size=32", "data.val_fraction=0.34",
-                             f"tracking.tracking_uri={uri}", "tracking.log_checkpoint=false"])
+    cfg = tiny_config(uri, "data.image_size=32", "train.epochs=2", "train.batch_size=32",
+                      "data.val_fraction=0.34", "tracking.log_checkpoint=false")
     result = fit(cfg, manifest, root / "run", progress=False)
     return {"root": root, "run_dir": root / "run", "metrics": result.metrics, "uri": uri,
             "images": root / "data"}
@@ -271,10 +270,8 @@ def test_refit_trains_on_all_images_for_the_chosen_epochs(synth_data: Path, tmp_
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr("embryo_ml.train.fit.build_trainer", recording)
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=2",
-                             "train.batch_size=16", "train.refit=true",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=2",
+                      "train.batch_size=16", "train.refit=true", "tracking.log_checkpoint=false")
     result = fit(cfg, synth_data, tmp_path / "run", progress=False)
     refit = result.metrics["refit"]
     assert sizes == [result.metrics["n_train"], 120] and refit["n_images"] == 120

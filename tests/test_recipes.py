@@ -46,7 +46,7 @@ def test_pretrained_file_is_loaded_and_head_skipped(tmp_path: Path) -> None:
 def test_augment_preview_grid(synth_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
     assert main(["augment-preview", str(CONFIGS / "default.yaml"), "--data", str(synth_data),
-                 "--out", str(out), "--images", "3", "--draws", "4",
+                 "--out", str(out), "--count", "3", "--draws", "4",
                  "--set", "data.image_size=48"]) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape[:2] == (3 * 48, 5 * 48)

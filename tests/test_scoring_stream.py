@@ -231,17 +231,17 @@ def test_parquet_resumes_from_its_sidecar(
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int, signals: int = 1) -> None:
     """Make the scorer receive SIGTERM (`signals` times) while scoring batch number `calls`."""
-    real = scorer_module.batch_rows
+    real = scorer_module.score_batch
     seen = []
 
-    def batch_rows(scorer, batch):  # noqa: ANN001, ANN202 - same signature as the real one
+    def score_batch(scorer, batch):  # noqa: ANN001, ANN202 - same signature as the real one
         seen.append(len(batch))
         if len(seen) == calls:
             for _ in range(signals):
                 os.kill(os.getpid(), signal.SIGTERM)
         return real(scorer, batch)
 
-    monkeypatch.setattr(scorer_module, "batch_rows", batch_rows)
+    monkeypatch.setattr(scorer_module, "score_batch", score_batch)
 
 
 @pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
@@ -405,7 +405,7 @@ def test_a_bundle_validated_on_other_pixels_is_warned(
     weights = np.ones((3, 2))
     old = make_fake_bundle(tmp_path / "old", weights, resize_policy="squash-inter-area")
     current = make_fake_bundle(tmp_path / "current", weights)
-    with caplog.at_level("WARNING", logger="embryo_ml.score.scorer"):
+    with caplog.at_level("WARNING", logger="embryo_ml.score.session"):
         score_images(manifest, current, tmp_path / "a.csv", progress=False)
         assert not caplog.records
         summary = score_images(manifest, old, tmp_path / "b.csv", progress=False)

@@ -26,7 +26,7 @@ from embryo_ml.data.images import read_image
 from embryo_ml.errors import DataError, ImageReadError
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.score.scorer import OnnxScorer
-from embryo_ml.serving.pyfunc import LoggedBundleModel, log_bundle_model, predict_frame
+from embryo_ml.serving.pyfunc import LoggedBundleModel, predict_frame
 from tests.fake_bundle import make_fake_bundle, uniform_image
 
 ROOTS = "EMBRYO_ML_ALLOWED_ROOTS"
@@ -40,12 +40,11 @@ SETTINGS = ("EMBRYO_ML_MAX_ROWS", "EMBRYO_ML_MAX_IMAGE_BYTES", "EMBRYO_ML_MAX_PI
 
 
 @pytest.fixture(autouse=True)
-def _no_served_settings(monkeypatch: pytest.MonkeyPatch):
-    """Each test starts from the defaults: no allowed roots, default limits."""
+def _no_served_settings(monkeypatch: pytest.MonkeyPatch, forget_tracking_uri: None) -> None:
+    """Each test starts from the defaults: no allowed roots, default limits (and, after it,
+    mlflow's process-wide URI is reset: `RunTracker` sets it)."""
     for name in (ROOTS, *SETTINGS):
         monkeypatch.delenv(name, raising=False)
-    yield
-    mlflow.set_tracking_uri(None)  # `RunTracker` sets mlflow's process-wide URI
 
 
 @pytest.fixture(scope="module")
@@ -274,11 +273,6 @@ def test_rows_are_decoded_one_batch_at_a_time(
 
 # -- the logged model, as `mlflow.pyfunc.load_model` and `mlflow models serve` run it -------
 
-@pytest.fixture(scope="module")
-def logged(bundle_dir: Path, trained_run: dict) -> LoggedBundleModel:
-    return log_bundle_model(bundle_dir, tracking_uri=trained_run["uri"])
-
-
 @pytest.fixture()
 def served_tree(synth_data: Path, tree: dict[str, Path]) -> dict[str, Path]:
     """`tree` with a real synthetic embryo image inside the root and outside it."""
@@ -294,7 +288,7 @@ def _load(logged: LoggedBundleModel, trained_run: dict,
     return mlflow.pyfunc.load_model(logged.model_uri, model_config=config or None)
 
 
-def test_loaded_model_applies_the_path_rules(logged: LoggedBundleModel, trained_run: dict,
+def test_loaded_model_applies_the_path_rules(logged_model: LoggedBundleModel, trained_run: dict,
                                              served_tree: dict[str, Path],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     root, inside = served_tree["root"], served_tree["inside"]
@@ -302,25 +296,25 @@ def test_loaded_model_applies_the_path_rules(logged: LoggedBundleModel, trained_
              str(root / "link.png"), str(root / "sub"), str(root / "missing.png")]
     frame = pd.DataFrame({"path": paths + [None, None],
                           "image_base64": [None] * 6 + [_b64(inside.read_bytes()), _b64(EPS)]})
-    model = _load(logged, trained_run)
+    model = _load(logged_model, trained_run)
     statuses = list(model.predict(frame)["status"])  # no roots: no path
     assert statuses == [NOT_ALLOWED] * 6 + ["ok", "unreadable: unsupported format EPS"]
     monkeypatch.setenv(ROOTS, str(root))  # read when the request arrives
     statuses = list(model.predict(frame)["status"])
     assert statuses == ["ok"] + [NOT_ALLOWED] * 5 + ["ok", "unreadable: unsupported format EPS"]
     monkeypatch.delenv(ROOTS)
-    configured = _load(logged, trained_run, allowed_roots=[str(root)])
+    configured = _load(logged_model, trained_run, allowed_roots=[str(root)])
     assert list(configured.predict(frame)["status"]) == statuses
 
 
 def test_loaded_model_refuses_a_large_request_with_http_400(
-    logged: LoggedBundleModel, trained_run: dict, served_tree: dict[str, Path],
+    logged_model: LoggedBundleModel, trained_run: dict, served_tree: dict[str, Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server
 
-    model = _load(logged, trained_run, max_rows=2, max_image_bytes=100)
+    model = _load(logged_model, trained_run, max_rows=2, max_image_bytes=100)
     encoded = _b64(served_tree["inside"].read_bytes())  # a 64 px PNG, over 100 bytes
     statuses = list(model.predict(pd.DataFrame({"image_base64": [encoded] * 2}))["status"])
     assert all(s.startswith("unreadable: image too large (") for s in statuses), statuses
@@ -339,4 +333,4 @@ def test_loaded_model_refuses_a_large_request_with_http_400(
     # where `mlflow models serve` runs, the same config comes as JSON in the environment
     monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"max_rows": 1}))
     with pytest.raises(MlflowException, match="request has 2 rows"):
-        _load(logged, trained_run).predict(too_many.iloc[:2])
+        _load(logged_model, trained_run).predict(too_many.iloc[:2])

@@ -77,7 +77,7 @@ def test_the_logged_checkpoint_holds_hashed_paths(tmp_path: Path, synth_data: Pa
     (resume and export read them)."""
     import torch
 
-    from embryo_ml.train.fit import _log_checkpoint
+    from embryo_ml.train.finish import _log_checkpoint
 
     patient_folder = tmp_path / "Smith_Jane_1970-01-01"
     cfg = load_config(None, [f"data.manifest={synth_data}",

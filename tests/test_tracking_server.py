@@ -7,19 +7,11 @@ local sqlite path the rest of the suite uses.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -27,87 +19,20 @@ import pandas as pd
 import pytest
 
 from embryo_ml.cli import main
-from embryo_ml.config import load_config
+from embryo_ml.config import Config
 from embryo_ml.errors import TrackingError
 from embryo_ml.train.fit import fit
 from embryo_ml.train.tracking import run_summary
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, tiny_config
+from tests.mlflow_server import unreachable_url
 
-SERVER_START_TIMEOUT_S = 60.0
 EXPERIMENT = "server-test"
 
 
-def _free_port() -> int:
-    """A port nothing listens on right now (the OS picks it; the socket is closed again)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _mlflow_command() -> list[str]:
-    script = Path(sys.executable).with_name("mlflow")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "mlflow"]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Terminate the server's whole process group (mlflow -> uvicorn worker), then reap it."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
-    # Children may outlive the leader; make sure none is left in the group.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    if process.poll() is None:
-        process.wait(timeout=10)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A real MLflow tracking server on 127.0.0.1; yields its URL and its folders."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    artifacts = root / "artifacts"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # MLflow 3 also starts a job runner with ~7 huey consumer processes by default; the
-    # tracking API does not need it, and on two cores it only slows the start down.
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [*_mlflow_command(), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
-               "--artifacts-destination", str(artifacts)]
-    stdout_path, stderr_path = root / "server.out", root / "server.err"
-    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=stdout, stderr=stderr,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                state = (f"exited with status {process.returncode}" if process.poll() is not None
-                         else f"no answer on {url}/health after {SERVER_START_TIMEOUT_S:.0f} s")
-                tail = _tail(stderr_path)
-                print(f"mlflow server stderr (tail):\n{tail}", file=sys.stderr)
-                pytest.skip(f"mlflow server could not start ({state}); stderr tail:\n{tail}")
-            time.sleep(0.5)
-        yield {"url": url, "root": root, "artifacts": artifacts, "process": process}
-    finally:
-        _stop(process)
-        mlflow.set_tracking_uri(None)  # RunTracker set the global URI to this dead server
+def _server_config(url: str) -> Config:
+    """A 2-epoch run of the tiny model at 32 px, tracked at `url`."""
+    return tiny_config(url, "data.image_size=32", "train.epochs=2", "train.batch_size=16",
+                       f"tracking.experiment={EXPERIMENT}")
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +40,8 @@ def server_run(mlflow_server: dict, synth_data: Path,
                tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One 2-epoch run of the tiny model, tracked on the server over HTTP."""
     url = mlflow_server["url"]
-    cfg = load_config(None, [
-        f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=2",
-        "train.batch_size=16", f"tracking.tracking_uri={url}", f"tracking.experiment={EXPERIMENT}",
-    ])
     run_dir = tmp_path_factory.mktemp("server-run") / "run"
-    result = fit(cfg, synth_data, run_dir, progress=False)
+    result = fit(_server_config(url), synth_data, run_dir, progress=False)
     return {"result": result, "run_dir": run_dir, "url": url}
 
 
@@ -207,22 +128,13 @@ def test_no_patient_id_reaches_the_server(server_run: dict, synth_data: Path,
     assert summary["tags"]["data.n_images"] == str(len(manifest))
 
 
-def _unreachable_url() -> str:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    assert not _healthy(url), f"something listens on {url}"
-    return url
-
-
 def test_unreachable_server_fails_fast_before_training(
     synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    url = _unreachable_url()
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32",
-                             "train.epochs=2", "train.batch_size=16",
-                             f"tracking.tracking_uri={url}", f"tracking.experiment={EXPERIMENT}"])
+    url = unreachable_url()
+    cfg = _server_config(url)
     run_dir = tmp_path / "run"
     started = time.perf_counter()
     with pytest.raises(TrackingError, match="unreachable") as caught:
@@ -240,7 +152,7 @@ def test_cli_unreachable_server_is_one_error_line(
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    url = _unreachable_url()
+    url = unreachable_url()
     out = tmp_path / "run"
     started = time.perf_counter()
     status = main(["-q", "train", "--data", str(synth_data), "--out", str(out),

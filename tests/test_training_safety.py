@@ -13,14 +13,12 @@ from embryo_ml.config import load_config
 from embryo_ml.train import fit as fit_module
 from embryo_ml.train import trainer as trainer_module
 from embryo_ml.train.loop import NonFiniteLossError
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, tiny_config
 
 
 def _cfg(tmp_path: Path, epochs: int = 1) -> object:
-    return load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32",
-                              f"train.epochs={epochs}", "train.batch_size=16",
-                              f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                              "tracking.log_checkpoint=false"])
+    return tiny_config(tmp_path / "m.db", "data.image_size=32", f"train.epochs={epochs}",
+                       "train.batch_size=16", "tracking.log_checkpoint=false")
 
 
 def test_same_config_and_seed_give_the_same_metrics(synth_data: Path, tmp_path: Path) -> None:
@@ -135,14 +133,12 @@ def test_recipe_options_train_with_loaded_weights(synth_data: Path, tmp_path: Pa
     weights = tmp_path / "weights.pt"
     torch.save(build_model(ModelConfig(name=TINY_MODEL), num_classes=2).state_dict(), weights)
     initial = _recording_build(monkeypatch)
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1",
-                             "train.batch_size=16", "loss.class_weights=auto",
-                             "loss.focal_gamma=2", "loss.label_smoothing=0.1",
-                             "train.weighted_sampler=true", "train.ema=true",
-                             "train.freeze_backbone_epochs=1", "train.head_lr=0.01",
-                             f"model.pretrained_file={weights}",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=1",
+                      "train.batch_size=16", "loss.class_weights=auto",
+                      "loss.focal_gamma=2", "loss.label_smoothing=0.1",
+                      "train.weighted_sampler=true", "train.ema=true",
+                      "train.freeze_backbone_epochs=1", "train.head_lr=0.01",
+                      f"model.pretrained_file={weights}", "tracking.log_checkpoint=false")
     result = fit_module.fit(cfg, synth_data, tmp_path / "run", progress=False)
     assert np.isfinite(result.metrics["val_loss"])
     assert result.metrics["recipe"]["rule"] == "fine-tune"
@@ -167,11 +163,9 @@ def test_from_scratch_run_does_not_freeze_its_backbone(synth_data: Path, tmp_pat
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The same freeze setting without loaded weights: every layer trains, at one rate."""
     initial = _recording_build(monkeypatch)
-    cfg = load_config(None, [f"model.name={TINY_MODEL}", "data.image_size=32", "train.epochs=1",
-                             "train.batch_size=16", "train.freeze_backbone_epochs=1",
-                             "train.lr=0.0001", "train.head_lr=0.003",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                             "tracking.log_checkpoint=false"])
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=1",
+                      "train.batch_size=16", "train.freeze_backbone_epochs=1",
+                      "train.lr=0.0001", "train.head_lr=0.003", "tracking.log_checkpoint=false")
     result = fit_module.fit(cfg, synth_data, tmp_path / "run", progress=False)
     recipe = result.metrics["recipe"]
     assert (recipe["rule"], recipe["weights"], recipe["freeze_backbone_epochs"]) == (

@@ -16,7 +16,7 @@ from embryo_ml.errors import BundleError
 from embryo_ml.evaluation.conformal import conformal_flags, fit_conformal, prediction_sets
 from embryo_ml.evaluation.ood import FeatureReference, conformal_limit, knn_distance, normalise
 from embryo_ml.export.bundle import read_bundle, write_bundle_json
-from tests.conftest import GATE_UNDECIDED, SHARED_DATA, TINY_MODEL
+from tests.conftest import SHARED_DATA, tiny_config
 
 REAL_SETS = {  # name -> (folder, glob): each an embryo image set unlike the synthetic ones
     "stage-grade": ("stage-grade/data", "*/*.png"),
@@ -100,19 +100,15 @@ def trust_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny model on 1200 synthetic images with half held out for validation (600
     calibration images: the limits and conformal quantiles are then well determined), its
     bundle, and 800 new synthetic images of other patients with labels."""
-    from embryo_ml.config import load_config
     from embryo_ml.data.synthetic import generate_dataset
     from embryo_ml.export.onnx_export import export_bundle
     from embryo_ml.train.fit import fit
 
     root = tmp_path_factory.mktemp("trust")
     manifest = generate_dataset(root / "synth", n=1200, size=64, seed=21)
-    cfg = load_config(None, [
-        f"model.name={TINY_MODEL}", "data.image_size=64", "data.val_fraction=0.5",
-        "train.epochs=3", "train.batch_size=32", "train.lr=0.003",
-        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-        f"eval.gate_min_per_class={GATE_UNDECIDED}",
-    ])
+    cfg = tiny_config(root / "mlflow.db", "data.image_size=64", "data.val_fraction=0.5",
+                      "train.epochs=3", "train.batch_size=32", "train.lr=0.003",
+                      gate_undecided=True)
     fit(cfg, manifest, root / "run", progress=False)
     export_bundle(root / "run", root / "bundle")
     held = generate_dataset(root / "held", n=800, size=64, seed=22)

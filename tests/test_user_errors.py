@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embryo_ml import cli
-from embryo_ml.cli import EXIT_USER_ERROR, main
+from embryo_ml.cli import EXIT_USER_ERROR, main, train_commands
 from embryo_ml.train import models
 from tests.conftest import TINY_MODEL, write_image
 
@@ -256,7 +255,7 @@ def test_a_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch) -> Non
     def broken(args: object) -> int:
         raise KeyError("an internal bug, not a user's mistake")
 
-    monkeypatch.setattr(cli, "_cmd_synth", broken)
+    monkeypatch.setattr(train_commands, "run_synth", broken)
     with pytest.raises(KeyError):
         main(["synth", "anywhere"])
 
@@ -265,7 +264,7 @@ def test_run_json_of_a_real_run_still_resumes_its_data(trained_run: dict) -> Non
     # The reader of run.json that replaced json.loads(...)["data"] reads what fit writes.
     run_dir = trained_run["run_dir"]
     recorded = json.loads((run_dir / "run.json").read_text())["data"]
-    assert cli._resumed_data(run_dir) == recorded
+    assert train_commands._resumed_data(run_dir) == recorded
 
 
 def test_version_prints_the_installed_version_and_exits_0() -> None:

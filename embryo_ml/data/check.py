@@ -4,16 +4,16 @@ Real embryo data holds the same file under several names, several images per emb
 exports and mixed bit depths. A split that puts one file (or a re-saved copy of it, or one
 patient) on both sides measures memory, not generalisation, and inflates validation scores.
 `check_data` decodes every image once (with the one reader, `read_image`) and reports all of this
-as plain numbers and lists; `format_report` renders them for a terminal. Torch-free.
+as plain numbers and lists; `embryo_ml.data.check_format.format_report` renders them for a
+terminal, `embryo_ml.data.near_duplicates` finds the re-saved copies. Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from statistics import median
@@ -24,12 +24,12 @@ import pandas as pd
 from PIL import Image
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, read_image
+from embryo_ml.data.near_duplicates import detail_hash, near_duplicate_groups, perceptual_hash
 from embryo_ml.errors import DataError, ImageReadError
 
 COUNT_COLUMNS = ("label", "day", "patient_id")
 GROUP_COLUMNS = ("patient_id", "embryo_id")  # leakage grouping: patient, else embryo
 MISSING = "<missing>"
-LIST_CAP = 20  # longest list `format_report` prints before "... and N more"
 _CHUNK = 256  # images handed to the thread pool at a time: bounded memory on huge trees
 
 
@@ -73,116 +73,6 @@ class _ImageInfo:
     size: str | None = None
     mode: str | None = None
     error: str | None = None
-
-
-def _dct_bits(image: np.ndarray, side: int, keep: int) -> np.ndarray:
-    """Shrink to side x side gray, 2-D DCT, keep x keep lowest frequencies vs their median."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or 0 in array.shape[:2]:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
-    if array.ndim == 3:
-        if array.shape[2] != 3:
-            raise ValueError(f"expected 3 channels, got shape {array.shape}")
-        array = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(array, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[:keep, :keep].ravel()
-    bits = low > np.median(low[1:])
-    bits[0] = False  # the DC term is mean brightness: not structure
-    return np.packbits(bits).view(">u8").astype(np.uint64)
-
-
-def perceptual_hash(image: np.ndarray) -> int:
-    """64-bit DCT hash of an RGB (or grayscale) uint8 image: near copies differ in few bits.
-
-    Gray, shrink to 32x32 (INTER_AREA), 2-D DCT, keep the 8x8 lowest frequencies and set a bit
-    where a coefficient exceeds the median of the 63 non-DC ones; the DC bit is always 0, so a
-    brightness shift, re-encoding or resizing leaves the hash (almost) unchanged while unrelated
-    images differ in about half the bits. Every hash has the same number of set bits, so
-    distances between hashes are even.
-    """
-    return int(_dct_bits(image, 32, 8)[0])
-
-
-def detail_hash(image: np.ndarray) -> np.ndarray:
-    """256-bit hash (4 x uint64) like `perceptual_hash` but from a 64x64 shrink.
-
-    The 64-bit hash sees mostly the layout of the frame; in EmbryoScope-like wells (bright ring,
-    dark corners) different embryos share it within 2-4 bits. This one also sees the embryo,
-    so it confirms which 64-bit matches are the same picture.
-    """
-    return _dct_bits(image, 64, 16)
-
-
-def _popcount(values: np.ndarray) -> np.ndarray:
-    """Set bits per uint64 (numpy >= 2 has it built in; older numpy counts byte by byte)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(values)
-    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    return table[values.view(np.uint8)].reshape(*values.shape, 8).sum(axis=-1)
-
-
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def detail_threshold(threshold: int) -> int:
-    """Bits allowed between 256-bit detail hashes for a pair within `threshold` 64-bit bits.
-
-    3x, not 4x, the 64-bit allowance: re-saved, resized, blurred or brightened copies stay
-    within about 12 of 256 bits, while different embryos in one kind of well start near 18.
-    """
-    return 3 * threshold
-
-
-def near_duplicate_groups(hashes: Sequence[int] | np.ndarray, threshold: int,
-                          details: np.ndarray | None = None,
-                          block: int = 2048) -> list[list[int]]:
-    """Indices grouped by 64-bit hamming distance <= `threshold`, chained (A~B, B~C: one group).
-
-    With `details` ((N, 4) uint64 from `detail_hash`), a pair must also be within
-    `detail_threshold(threshold)` bits there. All pairs are compared, O(N^2), in numpy blocks:
-    about a minute at 100k images; identical hashes are merged first, so many copies of one
-    blank frame cost nothing extra. Beyond a few 100k images this wants an index (multi-index
-    hashing or a BK-tree).
-    """
-    if len(hashes) < 2:
-        return []
-    coarse = np.asarray(hashes, dtype=np.uint64).reshape(-1, 1)
-    keys = coarse if details is None else np.hstack([coarse, np.asarray(details, np.uint64)])
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    codes, fine = unique[:, 0], unique[:, 1:]
-    fine_limit = detail_threshold(threshold)
-    sets = _UnionFind(len(unique))
-    for start in range(0, len(unique), block):
-        for col in range(start, len(unique), block):
-            distance = _popcount(codes[start:start + block, None] ^ codes[None, col:col + block])
-            rows, cols = np.nonzero(distance <= threshold)
-            rows, cols = rows + start, cols + col
-            keep = rows < cols
-            rows, cols = rows[keep], cols[keep]
-            if fine.shape[1] and len(rows):
-                close = _popcount(fine[rows] ^ fine[cols]).sum(axis=1) <= fine_limit
-                rows, cols = rows[close], cols[close]
-            for a, b in zip(rows.tolist(), cols.tolist()):
-                sets.union(a, b)
-    members: dict[int, list[int]] = defaultdict(list)
-    for index, code in enumerate(inverse.ravel().tolist()):
-        members[sets.find(code)].append(index)
-    return [group for group in members.values() if len(group) > 1]
 
 
 def _inspect(path: str, max_pixels: int) -> _ImageInfo:
@@ -317,6 +207,63 @@ def _leaks(kind: str, groups: Iterable[tuple[str, list[str]]],
     return leaks
 
 
+def _checked_arguments(table: pd.DataFrame, near_threshold: int) -> list[str]:
+    """The paths to read (a path listed twice is read once), after the argument checks."""
+    if "path" not in table.columns:
+        raise DataError(f"data table has no 'path' column (columns: {list(table.columns)})")
+    if not 0 <= near_threshold <= 64:
+        raise DataError(f"near-duplicate threshold must be 0..64 bits, got {near_threshold}")
+    return list(dict.fromkeys(table["path"].astype(str)))
+
+
+def _by_content(good: list[_ImageInfo]) -> dict[str, list[str]]:
+    """sha256 -> the paths with that content (singletons too)."""
+    by_content: dict[str, list[str]] = defaultdict(list)
+    for info in good:
+        by_content[str(info.sha256)].append(info.path)
+    return by_content
+
+
+def _near_duplicates(good: list[_ImageInfo], near_threshold: int) -> list[list[str]]:
+    """Groups of perceptually equal images, except groups of byte copies only (listed as
+    exact duplicates)."""
+    near = []
+    details = np.array([info.detail for info in good], dtype=np.uint64).reshape(-1, 4)
+    hashes = [int(info.phash or 0) for info in good]
+    for group in near_duplicate_groups(hashes, near_threshold, details):
+        members = sorted(good[i].path for i in group)
+        if len({good[i].sha256 for i in group}) > 1:  # not just byte copies (listed above)
+            near.append(members)
+    near.sort()
+    return near
+
+
+def _label_conflicts(labels: dict[str, str], exact: list[list[str]],
+                     near: list[list[str]]) -> list[dict[str, object]]:
+    """Duplicate groups whose members carry different labels."""
+    return [{"match": match, "paths": group,
+             "labels": sorted({labels.get(p, MISSING) for p in group})}
+            for match, groups in (("exact", exact), ("near", near)) for group in groups
+            if len({labels.get(p, MISSING) for p in group}) > 1]
+
+
+def _leakage(table: pd.DataFrame, good: list[_ImageInfo], near: list[list[str]],
+             where: dict[str, set[str]], group_column: str | None) -> list[dict[str, object]]:
+    """One patient (else embryo), one file content or one near-duplicate group in two splits."""
+    leakage: list[dict[str, object]] = []
+    if group_column is not None:
+        members: dict[str, list[str]] = defaultdict(list)
+        for path, value in zip(table["path"].astype(str), table[group_column]):
+            if _key(value) != MISSING:
+                members[_key(value)].append(path)
+        leakage += _leaks("group", sorted(members.items()), where, column=group_column)
+    every_content = _by_content(good)  # singletons too: one file listed in two splits
+    leakage += _leaks("content", sorted(every_content.items()), where, match="exact")
+    leakage += _leaks("content", [(f"near-{i + 1}", g) for i, g in enumerate(near)], where,
+                      match="near")
+    return leakage
+
+
 def check_data(
     table: pd.DataFrame,
     splits: pd.DataFrame | None = None,
@@ -334,52 +281,17 @@ def check_data(
     `exact_duplicates`. Unreadable files are left out of duplicate detection (every empty file
     would match).
     """
-    if "path" not in table.columns:
-        raise DataError(f"data table has no 'path' column (columns: {list(table.columns)})")
-    if not 0 <= near_threshold <= 64:
-        raise DataError(f"near-duplicate threshold must be 0..64 bits, got {near_threshold}")
-    paths = list(dict.fromkeys(table["path"].astype(str)))  # a path listed twice is read once
+    paths = _checked_arguments(table, near_threshold)
     infos = _inspect_all(paths, max_pixels or DEFAULT_MAX_PIXELS, workers, progress)
     good = [info for info in infos if info.error is None]
-
-    by_content: dict[str, list[str]] = defaultdict(list)
-    for info in good:
-        by_content[str(info.sha256)].append(info.path)
-    exact = sorted(sorted(g) for g in by_content.values() if len(g) > 1)
-    near = []
-    details = np.array([info.detail for info in good], dtype=np.uint64).reshape(-1, 4)
-    hashes = [int(info.phash or 0) for info in good]
-    for group in near_duplicate_groups(hashes, near_threshold, details):
-        members = sorted(good[i].path for i in group)
-        if len({good[i].sha256 for i in group}) > 1:  # not just byte copies (listed above)
-            near.append(members)
-    near.sort()
-
+    exact = sorted(sorted(g) for g in _by_content(good).values() if len(g) > 1)
+    near = _near_duplicates(good, near_threshold)
     labels: dict[str, str] = {}
     if "label" in table.columns:
         labels = {str(p): _key(v) for p, v in zip(table["path"], table["label"])}
-    conflicts = [{"match": match, "paths": group,
-                  "labels": sorted({labels.get(p, MISSING) for p in group})}
-                 for match, groups in (("exact", exact), ("near", near)) for group in groups
-                 if len({labels.get(p, MISSING) for p in group}) > 1]
-
     where = _split_map(table, splits)
-    leakage: list[dict[str, object]] = []
     group_column = next((c for c in GROUP_COLUMNS if _has_values(table, c)), None)
-    if where is not None:
-        if group_column is not None:
-            members: dict[str, list[str]] = defaultdict(list)
-            for path, value in zip(table["path"].astype(str), table[group_column]):
-                if _key(value) != MISSING:
-                    members[_key(value)].append(path)
-            leakage += _leaks("group", sorted(members.items()), where, column=group_column)
-        every_content = defaultdict(list)  # singletons too: one file listed in two splits
-        for info in good:
-            every_content[str(info.sha256)].append(info.path)
-        leakage += _leaks("content", sorted(every_content.items()), where, match="exact")
-        leakage += _leaks("content", [(f"near-{i + 1}", g) for i, g in enumerate(near)], where,
-                          match="near")
-
+    leakage = [] if where is None else _leakage(table, good, near, where, group_column)
     sizes = Counter(str(info.size) for info in good)
     modes = Counter(str(info.mode) for info in good)
     return CheckReport(
@@ -394,135 +306,6 @@ def check_data(
         leakage=leakage,
         split_column="split" if where is not None else None,
         group_column=group_column if where is not None else None,
-        label_conflicts=conflicts,
+        label_conflicts=_label_conflicts(labels, exact, near),
         labels=labels,
     )
-
-
-# ---------------------------------------------------------------- plain-text rendering
-
-
-def _table(rows: list[tuple[object, ...]], align: str = "") -> list[str]:
-    """Columns padded to their widest cell; `align` per column: 'l' or 'r' (default 'l')."""
-    if not rows:
-        return []
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = []
-    for row in cells:
-        parts = [c.rjust(w) if align[i:i + 1] == "r" else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  " + "  ".join(parts).rstrip())
-    return lines
-
-
-def _capped(lines: list[str], n_items: int | None = None) -> list[str]:
-    total = len(lines) if n_items is None else n_items
-    if len(lines) <= LIST_CAP:
-        return lines
-    return lines[:LIST_CAP] + [f"  ... and {total - LIST_CAP} more"]
-
-
-def _count_table(counts: dict[str, int | float], total: int) -> list[str]:
-    rows = [(k, v, f"{100 * v / total:.1f}%" if total else "-") for k, v in counts.items()]
-    return _capped(_table(rows, "lrr"))
-
-
-def _relative(path: str, root: str) -> str:
-    return os.path.relpath(path, root) if root else path
-
-
-def _groups(groups: list[list[str]], root: str, labels: dict[str, str]) -> list[str]:
-    lines: list[str] = []
-    for number, group in enumerate(groups[:LIST_CAP], 1):
-        tags = {labels.get(p, MISSING) for p in group}
-        note = f"  (labels differ: {', '.join(sorted(tags))})" if labels and len(tags) > 1 else ""
-        lines.append(f"  group {number}: {len(group)} files{note}")
-        lines += [f"    {_relative(p, root)}" for p in group]
-    if len(groups) > LIST_CAP:
-        lines.append(f"  ... and {len(groups) - LIST_CAP} more groups")
-    return lines
-
-
-def _root(report: CheckReport) -> str:
-    """The common folder of every path printed, so listings stay short and readable."""
-    paths = [p for p, _ in report.unreadable]
-    paths += [p for g in report.exact_duplicates + report.near_duplicates for p in g]
-    paths += [str(p) for leak in report.leakage for p in leak["paths"]]  # type: ignore[attr-defined]
-    if not paths:
-        return ""
-    try:
-        return os.path.commonpath([os.path.dirname(p) for p in paths])
-    except ValueError:  # different drives, or relative and absolute mixed
-        return ""
-
-
-def verdict(report: CheckReport) -> str:
-    """One line: "OK" or "PROBLEMS: ..." (what fails `ok()`), then what deserves a look."""
-    problems = []
-    if report.unreadable:
-        problems.append(f"{len(report.unreadable)} unreadable")
-    if report.leakage:
-        problems.append(f"{len(report.leakage)} leak" + ("s" if len(report.leakage) > 1 else ""))
-    warnings = []
-    if report.exact_duplicates:
-        warnings.append(f"{len(report.exact_duplicates)} exact-duplicate group(s)")
-    if report.near_duplicates:
-        warnings.append(f"{len(report.near_duplicates)} near-duplicate group(s)")
-    if report.label_conflicts:
-        warnings.append(f"{len(report.label_conflicts)} duplicate group(s) with differing labels")
-    line = f"PROBLEMS: {', '.join(problems)}" if problems else "OK"
-    return f"{line}; to review: {', '.join(warnings)}" if warnings else line
-
-
-def format_report(report: CheckReport) -> str:
-    """The report as aligned plain-text sections for a terminal; long lists are capped."""
-    root = _root(report)
-    n_readable = report.n_images - len(report.unreadable)
-    out: list[str] = ["Images", *_table([
-        ("rows", report.n_images), ("unreadable", len(report.unreadable)),
-        ("exact-duplicate groups", len(report.exact_duplicates)),
-        ("near-duplicate groups", len(report.near_duplicates)),
-    ], "lr")]
-    if root:
-        out.append(f"  (paths below are relative to {root})")
-
-    def section(title: str, lines: list[str], empty: str = "none") -> None:
-        out.extend(["", title, *(lines or [f"  {empty}"])])
-
-    counts = report.counts
-    section("Classes", _count_table(counts["label"], report.n_images) if "label" in counts else [],
-            "no label column")
-    section("Days", _count_table(counts["day"], report.n_images) if "day" in counts else [],
-            "no day column")
-    section("Patients", _table(list(counts["patient_id"].items()), "lr")
-            if "patient_id" in counts else [], "no patient_id column")
-    section("Images per embryo", _table(list(report.images_per_embryo.items()), "lr"),
-            "no embryo_id column")
-    section("Sizes", _count_table(report.sizes, n_readable))
-    section("Modes", _count_table(report.modes, n_readable))
-    section("Unreadable files", _capped(
-        [f"  {_relative(p, root)}: {reason}" for p, reason in report.unreadable]))
-    section("Exact duplicates", _groups(report.exact_duplicates, root, report.labels))
-    section("Near duplicates", _groups(report.near_duplicates, root, report.labels))
-
-    leak_lines: list[str] = []
-    for leak in report.leakage[:LIST_CAP]:
-        paths = list(leak["paths"])  # type: ignore[call-overload]
-        if leak["kind"] == "group":
-            what = f"{leak['column']} {leak['key']}"
-        elif leak.get("match") == "exact":
-            what = f"same file content (sha256 {str(leak['key'])[:12]})"
-        else:
-            what = f"near-duplicate group {str(leak['key']).removeprefix('near-')}"
-        leak_lines.append(f"  {what} in {' + '.join(leak['splits'])}: "  # type: ignore[arg-type]
-                          f"{len(paths)} file(s)")
-        leak_lines += [f"    {_relative(p, root)}" for p in paths[:5]]
-        if len(paths) > 5:
-            leak_lines.append(f"    ... and {len(paths) - 5} more")
-    if len(report.leakage) > LIST_CAP:
-        leak_lines.append(f"  ... and {len(report.leakage) - LIST_CAP} more")
-    section("Leakage between splits", leak_lines,
-            "none" if report.split_column else "not checked (no split given)")
-    out.extend(["", verdict(report)])
-    return "\n".join(out)

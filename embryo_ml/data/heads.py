@@ -8,7 +8,9 @@ The main classes are what a run scores, ranks, calibrates, thresholds and early-
 what the out-of-distribution energy is measured on: all of that reads `main_logits`, never the
 whole row. The grade heads are auxiliary outputs for embryologists to read; each is its own
 softmax block (`head_logits`). The layout, `{name: {"offset": first column, "classes": [...]}}`,
-is stored in the checkpoint and written into the scoring bundle as `heads`.
+is stored in the checkpoint and written into the scoring bundle as `heads`; `layout_problem` is
+the one judge of a layout read back from a file, and `predicted_grades` the scorer's per-image
+grade columns (`grade_column_names`).
 
 Targets of a gardner run are (N, 4) rows `[main, expansion, icm, te]`
 (`embryo_ml.data.labels.GARDNER_TARGET_COLUMNS`), -1 where a grade is not assessable; other tasks
@@ -22,11 +24,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from embryo_ml.data.labels import EXPANSION_CLASSES, GARDNER_TARGET_COLUMNS, LETTERS
+from embryo_ml.data.labels import (
+    EXPANSION_CLASSES,
+    GARDNER_TARGET_COLUMNS,
+    LETTERS,
+    MIN_ASSESSABLE_EXPANSION,
+)
 from embryo_ml.numeric import softmax
 
 GRADE_HEADS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("expansion", EXPANSION_CLASSES), ("icm", LETTERS), ("te", LETTERS))
+GARDNER_HEADS = tuple(name for name, _ in GRADE_HEADS)  # the heads a Gardner grade is made of
 
 Heads = dict[str, dict[str, Any]]
 Array = TypeVar("Array")  # np.ndarray or torch.Tensor
@@ -46,8 +54,40 @@ def head_layout(task: str, n_classes: int) -> Heads:
 
 
 def output_width(n_classes: int, heads: Heads) -> int:
-    """Logits per row: the main classes plus every head's classes."""
-    return n_classes + sum(len(head["classes"]) for head in heads.values())
+    """Logits per row: the main classes, then every head's block, up to the end of the last
+    one (a layout read from a bundle may leave columns between blocks)."""
+    ends = [int(head["offset"]) + len(head["classes"]) for head in heads.values()]
+    return max([n_classes, *ends])
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def layout_problem(heads: object, n_classes: int) -> str | None:
+    """What is wrong with a layout read from a file, naming the head; None when there are no
+    heads or every head is a block of unique class names after the main classes, none
+    overlapping. The one judge of a layout: the bundle reader asks it."""
+    if heads is None:
+        return None
+    if not isinstance(heads, dict):
+        return f"'heads' must be an object (name -> offset and classes), got {heads!r}"
+    blocks = []
+    for name, head in heads.items():
+        offset = head.get("offset") if isinstance(head, dict) else None
+        classes = head.get("classes") if isinstance(head, dict) else None
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < n_classes:
+            return (f"'heads' {name!r}: 'offset' must be a whole number >= {n_classes} "
+                    f"(after the main classes), got {offset!r}")
+        if not (isinstance(classes, list) and classes and all(map(_is_name, classes))
+                and len(set(classes)) == len(classes)):
+            return f"'heads' {name!r}: 'classes' must be a list of unique names, got {classes!r}"
+        blocks.append((offset, offset + len(classes), name))
+    blocks.sort()
+    for (_, end, first), (start, _, second) in zip(blocks, blocks[1:]):
+        if start < end:
+            return f"'heads' {first!r} and {second!r} overlap (column {start})"
+    return None
 
 
 def main_logits(logits: Array, n_classes: int) -> Array:
@@ -138,3 +178,33 @@ def head_columns(logits: np.ndarray, targets: np.ndarray, heads: Heads) -> dict[
         columns[name] = [classes[t] if t >= 0 else "" for t in truth]
         columns[f"{name}_pred"] = [classes[i] for i in predicted[name]]
     return columns
+
+
+def grade_column_names(heads: Heads | None) -> list[str]:
+    """The scores file's grade columns: `<head>_pred` for each head, then `grade_pred` when
+    all three Gardner heads are there; [] without heads."""
+    if not heads:
+        return []
+    gardner = ["grade_pred"] if all(name in heads for name in GARDNER_HEADS) else []
+    return [f"{name}_pred" for name in heads] + gardner
+
+
+def gardner_text(expansion: str, icm: str, te: str) -> str:
+    """A predicted grade as clinics write it: `4AB`, or the expansion alone (`2`) below 3,
+    where ICM and TE cannot be assessed."""
+    if expansion.isdigit() and int(expansion) < MIN_ASSESSABLE_EXPANSION:
+        return expansion
+    return f"{expansion}{icm}{te}"
+
+
+def predicted_grades(logits: np.ndarray, heads: Heads) -> list[dict[str, str]]:
+    """Per row, the values of the `grade_column_names`: each head's most probable class and,
+    with the Gardner heads, the grade they make (`gardner_text`)."""
+    predicted = {name: [str(heads[name]["classes"][int(i)]) for i in chosen]
+                 for name, chosen in head_predictions(logits, heads).items()}
+    rows = [{f"{name}_pred": values[row] for name, values in predicted.items()}
+            for row in range(len(logits))]
+    if all(name in heads for name in GARDNER_HEADS):
+        for row, *grades in zip(rows, *(predicted[name] for name in GARDNER_HEADS)):
+            row["grade_pred"] = gardner_text(*grades)
+    return rows

@@ -33,15 +33,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from embryo_ml.errors import ConfigError, DataError
 from embryo_ml.fileio import atomic_open, atomic_path, fsync_dir
+from embryo_ml.numeric import finite_float
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_CHUNK_ROWS = 8192
@@ -89,12 +90,8 @@ def column_kind(column: str) -> str:
 def _typed(value: Any, kind: str) -> Any:
     if kind == "str":
         return "" if value is None else str(value)
-    if value is None or value == "":
-        return None
-    number = float(value)
-    if not math.isfinite(number):
-        return None
-    return int(number) if kind == "int" else number
+    number = finite_float(value)
+    return int(number) if kind == "int" and number is not None else number
 
 
 def typed_row(row: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
@@ -222,11 +219,6 @@ def row_writer(out: str | os.PathLike[str], columns: Sequence[str],
 # ---------------------------------------------------------------- reading back (resume) ----
 
 
-def _truncate(path: Path, size: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.truncate(size)
-
-
 def _scan_csv(path: Path, columns: Sequence[str]) -> int:
     """Byte size of the whole records at the start of a CSV (header included; 0 if the header
     is torn). Raises `DataError` for a header of other columns or a bad record before the end."""
@@ -287,7 +279,7 @@ def repair(path: str | os.PathLike[str], columns: Sequence[str]) -> bool:
     size = path.stat().st_size
     good = scan(path, columns)
     if good != size:
-        _truncate(path, good)
+        os.truncate(path, good)
     return good != size
 
 
@@ -392,14 +384,9 @@ def write_table(path: str | os.PathLike[str], columns: Sequence[str],
             import pyarrow as pa
 
             schema = _arrow_schema(columns)
+            rows = iter(rows)
             with parquet.ParquetWriter(tmp, schema) as writer:
-                chunk: list[dict[str, Any]] = []
-                for row in rows:
-                    chunk.append(typed_row(row, columns))
-                    if len(chunk) >= PARQUET_CHUNK_ROWS:
-                        writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-                        chunk = []
-                if chunk:
+                while chunk := [typed_row(r, columns) for r in islice(rows, PARQUET_CHUNK_ROWS)]:
                     writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
         else:
             with (CsvRowWriter if fmt == "csv" else JsonlRowWriter)(tmp, columns) as writer:

@@ -250,7 +250,9 @@ def _ring_seeds(
     return seeds
 
 
-def _sample_blastocyst(rng: np.random.Generator, label: str, zona_t: float) -> dict[str, object]:
+def _sample_gardner(rng: np.random.Generator, label: str) -> tuple[int, str, str]:
+    """Expansion, ICM and TE grades: good = a full blastocyst graded A/B; poor = an early one
+    (expansion 1-2, no letters) or a full one with a C somewhere."""
     if label == "good":
         expansion = int(rng.choice([3, 4, 5], p=[0.35, 0.45, 0.2]))
         icm, te = str(rng.choice(["A", "B"])), str(rng.choice(["A", "B"]))
@@ -261,82 +263,148 @@ def _sample_blastocyst(rng: np.random.Generator, label: str, zona_t: float) -> d
         combo = rng.choice(3, p=[0.4, 0.25, 0.35])
         icm = "C" if combo in (0, 2) else str(rng.choice(["A", "B"]))
         te = "C" if combo in (1, 2) else str(rng.choice(["A", "B"]))
-    zona_t *= {1: 1.0, 2: 1.0, 3: 0.9, 4: 0.65, 5: 0.5}[expansion]
-    inner = 1.0 - zona_t
+    return expansion, icm, te
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A blastocyst's outline and orientation, the frame every later draw is placed in."""
+
+    centre: Point
+    radius: float
+    phi: float  # angle towards the ICM / cell mass
+    towards_icm: Point  # unit vector at angle `phi`
+    te_thickness: float
+
+
+def _sample_body(rng: np.random.Generator, expansion: int, te: str, inner: float) -> _Body:
     fill = {1: (0.78, 0.88), 2: (0.86, 0.94), 3: (0.95, 0.99)}.get(expansion, (0.985, 1.0))
     body_r = inner * rng.uniform(*fill)  # how much of the zona the blastocyst fills
     shift = _disc_points(rng, 1, max(inner * 0.98 - body_r, 0.0))[0]
     cb = (float(shift[0]), float(shift[1]))
     phi = rng.uniform(0, 2 * math.pi)
-    u = (math.cos(phi), math.sin(phi))  # towards the ICM / cell mass
+    u = (math.cos(phi), math.sin(phi))
     te_t = body_r * (rng.uniform(0.07, 0.085) if te == "A" else rng.uniform(0.07, 0.095))
-    out: dict[str, object] = {"expansion": expansion, "icm_grade": icm, "te_grade": te}
-    bulge: Circle | None = None
-    if expansion == 5:
-        psi = phi + math.pi + rng.uniform(-1.2, 1.2)  # hatch away from the ICM
-        rb = float(rng.uniform(0.24, 0.36))
-        dist = 1.0 + rb * rng.uniform(0.1, 0.4)
-        bulge = (dist * math.cos(psi), dist * math.sin(psi), rb)
-        out["zona_gap"] = (float(psi), float(math.asin(min(0.95, rb * 0.85))))
-    if expansion <= 2:
-        cav_r = body_r * (rng.uniform(0.32, 0.45) if expansion == 1 else rng.uniform(0.55, 0.68))
-        d = body_r - te_t - cav_r
-        cavity = (cb[0] - u[0] * d, cb[1] - u[1] * d, cav_r)
-        n_mass = int(rng.integers(16, 26))
-        pts = _disc_points(rng, n_mass, body_r * 0.95)
-        out["mass_cells"] = tuple((cb[0] + float(x), cb[1] + float(y)) for x, y in pts)
-        te_count, jitter, trange = int(rng.integers(10, 15)), 0.3, (0.8, 1.3)
+    return _Body(centre=cb, radius=body_r, phi=phi, towards_icm=u, te_thickness=te_t)
+
+
+def _sample_hatching(rng: np.random.Generator, phi: float) -> tuple[Circle, tuple[float, float]]:
+    """Expansion 5: the part herniating through the zona, away from the ICM, and the gap."""
+    psi = phi + math.pi + rng.uniform(-1.2, 1.2)
+    rb = float(rng.uniform(0.24, 0.36))
+    dist = 1.0 + rb * rng.uniform(0.1, 0.4)
+    bulge = (dist * math.cos(psi), dist * math.sin(psi), rb)
+    return bulge, (float(psi), float(math.asin(min(0.95, rb * 0.85))))
+
+
+def _sample_early_cavity(
+    rng: np.random.Generator, expansion: int, body: _Body
+) -> tuple[Circle, tuple[Point, ...]]:
+    """Expansion 1-2: a small cavity beside a compacting mass of cells."""
+    cb, u, body_r = body.centre, body.towards_icm, body.radius
+    cav_r = body_r * (rng.uniform(0.32, 0.45) if expansion == 1 else rng.uniform(0.55, 0.68))
+    d = body_r - body.te_thickness - cav_r
+    cavity = (cb[0] - u[0] * d, cb[1] - u[1] * d, cav_r)
+    n_mass = int(rng.integers(16, 26))
+    pts = _disc_points(rng, n_mass, body_r * 0.95)
+    return cavity, tuple((cb[0] + float(x), cb[1] + float(y)) for x, y in pts)
+
+
+def _sample_icm(rng: np.random.Generator, icm: str, body: _Body) -> tuple[Circle, ...]:
+    """Inner-cell-mass cells against the TE: many and tight (A), fewer (B), a few loose (C)."""
+    cb, u, body_r = body.centre, body.towards_icm, body.radius
+    if icm == "A":
+        n, across, depth, reach = int(rng.integers(14, 21)), 0.30, 0.20, 1.45
+    elif icm == "B":
+        n, across, depth, reach = int(rng.integers(8, 13)), 0.40, 0.27, 1.05
     else:
-        cavity = (cb[0], cb[1], body_r - te_t)
-        icm_cells: list[Circle] = []
-        if icm == "A":
-            n, across, depth, reach = int(rng.integers(14, 21)), 0.30, 0.20, 1.45
-        elif icm == "B":
-            n, across, depth, reach = int(rng.integers(8, 13)), 0.40, 0.27, 1.05
-        else:
-            n, across, depth, reach = int(rng.integers(2, 6)), 0.55, 0.45, 0.0
-        across *= body_r * rng.uniform(0.9, 1.1)
-        depth *= body_r * rng.uniform(0.9, 1.1)
-        centre_d = body_r - te_t - depth * 0.8
-        ic = (cb[0] + u[0] * centre_d, cb[1] + u[1] * centre_d)
-        spacing = math.sqrt(math.pi * across * depth / n)
-        for _ in range(n):
-            a, b = _disc_points(rng, 1, 1.0)[0]
-            x = ic[0] + a * across * (-u[1]) + b * depth * u[0]
-            y = ic[1] + a * across * u[0] + b * depth * u[1]
-            r = spacing * reach * rng.uniform(0.85, 1.15) if reach else (
-                body_r * rng.uniform(0.05, 0.085))
-            icm_cells.append((float(x), float(y), float(r)))
-        out["icm_cells"] = tuple(icm_cells)
-        if te == "A":
-            te_count, jitter, trange = int(rng.integers(17, 23)), 0.1, (0.9, 1.1)
-        elif te == "B":
-            te_count, jitter, trange = int(rng.integers(11, 16)), 0.25, (0.75, 1.3)
-        else:
-            te_count, jitter, trange = int(rng.integers(6, 10)), 0.4, (0.35, 1.9)
-            gaps = []
-            for _ in range(int(rng.integers(2, 4))):
-                gaps.append((float(phi + math.pi + rng.uniform(-2.4, 2.4)),
-                             float(rng.uniform(0.3, 0.6))))
-            out["te_gaps"] = tuple(gaps)
-            out["collapse"] = float(rng.uniform(0.06, 0.14))
-    te_cells = _ring_seeds(rng, cb, body_r, te_count, jitter, te_t, trange, skip=bulge)
+        n, across, depth, reach = int(rng.integers(2, 6)), 0.55, 0.45, 0.0
+    across *= body_r * rng.uniform(0.9, 1.1)
+    depth *= body_r * rng.uniform(0.9, 1.1)
+    centre_d = body_r - body.te_thickness - depth * 0.8
+    ic = (cb[0] + u[0] * centre_d, cb[1] + u[1] * centre_d)
+    spacing = math.sqrt(math.pi * across * depth / n)
+    icm_cells: list[Circle] = []
+    for _ in range(n):
+        a, b = _disc_points(rng, 1, 1.0)[0]
+        x = ic[0] + a * across * (-u[1]) + b * depth * u[0]
+        y = ic[1] + a * across * u[0] + b * depth * u[1]
+        r = spacing * reach * rng.uniform(0.85, 1.15) if reach else (
+            body_r * rng.uniform(0.05, 0.085))
+        icm_cells.append((float(x), float(y), float(r)))
+    return tuple(icm_cells)
+
+
+def _sample_te_layout(
+    rng: np.random.Generator, te: str, phi: float, expansion: int
+) -> tuple[int, float, tuple[float, float], dict[str, object]]:
+    """Trophectoderm cell count, placement jitter and thickness range; grade C also gets gaps
+    in the layer and a collapsing outline (returned as spec fields)."""
+    if expansion <= 2:
+        return int(rng.integers(10, 15)), 0.3, (0.8, 1.3), {}
+    if te == "A":
+        return int(rng.integers(17, 23)), 0.1, (0.9, 1.1), {}
+    if te == "B":
+        return int(rng.integers(11, 16)), 0.25, (0.75, 1.3), {}
+    te_count, jitter, trange = int(rng.integers(6, 10)), 0.4, (0.35, 1.9)
+    gaps = []
+    for _ in range(int(rng.integers(2, 4))):
+        gaps.append((float(phi + math.pi + rng.uniform(-2.4, 2.4)),
+                     float(rng.uniform(0.3, 0.6))))
+    return te_count, jitter, trange, {"te_gaps": tuple(gaps),
+                                      "collapse": float(rng.uniform(0.06, 0.14))}
+
+
+def _sample_te_cells(
+    rng: np.random.Generator, body: _Body, bulge: Circle | None, count: int, jitter: float,
+    thick_range: tuple[float, float],
+) -> tuple[Circle, ...]:
+    """TE seeds around the outline, and around the herniating part when there is one."""
+    te_t = body.te_thickness
+    te_cells = _ring_seeds(rng, body.centre, body.radius, count, jitter, te_t, thick_range,
+                           skip=bulge)
     if bulge is not None:
-        te_cells += _ring_seeds(rng, bulge[:2], bulge[2], max(4, te_count // 3), jitter,
-                                te_t, trange, skip=(cb[0], cb[1], body_r))
-    out["te_cells"] = tuple(te_cells)
-    out["body"] = (cb[0], cb[1], float(body_r))
-    out["bulge"] = bulge
-    out["cavity"] = tuple(float(v) for v in cavity)
-    out["zona_thickness"] = float(zona_t)
-    # Debris: a few fragments in every blastocyst, more when the ICM is falling apart.
+        te_cells += _ring_seeds(rng, bulge[:2], bulge[2], max(4, count // 3), jitter,
+                                te_t, thick_range,
+                                skip=(body.centre[0], body.centre[1], body.radius))
+    return tuple(te_cells)
+
+
+def _sample_debris(rng: np.random.Generator, icm: str, inner: float) -> tuple[Circle, ...]:
+    """A few fragments in every blastocyst, more when the ICM is falling apart."""
     n_frag = int(rng.integers(0, 3)) + (int(rng.integers(3, 9)) if icm == "C" else 0)
     frags = []
     for _ in range(n_frag):
         r = float(rng.uniform(0.03, 0.06))
         p = _disc_points(rng, 1, inner * 0.93 - r)[0]
         frags.append((float(p[0]), float(p[1]), r))
-    out["fragments"] = tuple(frags)
+    return tuple(frags)
+
+
+def _sample_blastocyst(rng: np.random.Generator, label: str, zona_t: float) -> dict[str, object]:
+    """Day-5 morphology as spec fields: grades, then outline, hatching, cavity and ICM, TE,
+    debris (in this order: each draw consumes `rng`)."""
+    expansion, icm, te = _sample_gardner(rng, label)
+    zona_t *= {1: 1.0, 2: 1.0, 3: 0.9, 4: 0.65, 5: 0.5}[expansion]
+    inner = 1.0 - zona_t
+    body = _sample_body(rng, expansion, te, inner)
+    out: dict[str, object] = {"expansion": expansion, "icm_grade": icm, "te_grade": te}
+    bulge: Circle | None = None
+    if expansion == 5:
+        bulge, out["zona_gap"] = _sample_hatching(rng, body.phi)
+    if expansion <= 2:
+        cavity, out["mass_cells"] = _sample_early_cavity(rng, expansion, body)
+    else:
+        cavity = (body.centre[0], body.centre[1], body.radius - body.te_thickness)
+        out["icm_cells"] = _sample_icm(rng, icm, body)
+    te_count, jitter, trange, te_fields = _sample_te_layout(rng, te, body.phi, expansion)
+    out.update(te_fields)
+    out["te_cells"] = _sample_te_cells(rng, body, bulge, te_count, jitter, trange)
+    out["body"] = (body.centre[0], body.centre[1], float(body.radius))
+    out["bulge"] = bulge
+    out["cavity"] = tuple(float(v) for v in cavity)
+    out["zona_thickness"] = float(zona_t)
+    out["fragments"] = _sample_debris(rng, icm, inner)
     return out
 
 
@@ -511,11 +579,11 @@ def _draw_cleavage(
         _draw_blob(img, height, grain, frame, (x, y, r, r, 0.0), base - 2.0, 3.0, 40.0, 0.9, px)
 
 
-def _draw_blastocyst(
-    img: np.ndarray, height: np.ndarray, grain: np.ndarray, spec: EmbryoSpec, frame: _Frame,
-    px: float,
-) -> None:
-    xx, yy = _grid(frame.size)
+def _blastocyst_window(
+    spec: EmbryoSpec, frame: _Frame, px: float
+) -> tuple[list[Circle], slice, slice] | None:
+    """The outline's circles in pixels (body, then the herniating part) and the image window
+    that holds them; None when the blastocyst lies outside the image."""
     bcx, bcy = frame.pt(spec.body[0], spec.body[1])
     circles = [(bcx, bcy, spec.body[2] * frame.unit)]
     if spec.bulge is not None:
@@ -527,9 +595,16 @@ def _draw_blastocyst(
     y0 = max(int(min(c[1] - c[2] for c in circles) - pad), 0)
     y1 = min(int(max(c[1] + c[2] for c in circles) + pad) + 1, frame.size)
     if x1 <= x0 or y1 <= y0:
-        return
-    ys, xs = slice(y0, y1), slice(x0, x1)
-    gx_, gy_ = xx[ys, xs], yy[ys, xs]
+        return None
+    return circles, slice(y0, y1), slice(x0, x1)
+
+
+def _outline_distance(
+    spec: EmbryoSpec, frame: _Frame, circles: list[Circle], gx_: np.ndarray, gy_: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Signed distance to the outline in pixels (negative inside), and where the TE has gaps
+    (soft membership, None without gaps)."""
+    bcx, bcy = circles[0][0], circles[0][1]
     dists = [np.hypot(gx_ - cx, gy_ - cy) - cr for cx, cy, cr in circles]
     gap = None
     if spec.te_gaps:
@@ -543,71 +618,181 @@ def _draw_blastocyst(
                 sink = np.maximum(sink, np.cos(np.clip(d, 0.0, 1.0) * math.pi / 2) ** 2)
             dists[0] = dists[0] + sink * (spec.collapse * circles[0][2])
     sdf = dists[0] if len(dists) == 1 else np.minimum(dists[0], dists[1])
-    gsub = grain[ys, xs]
-    inside = np.clip(-sdf + 0.5, 0.0, 1.0)
+    return sdf, gap
+
+
+@dataclass
+class _Interior:
+    """The window's pixels inside a blastocyst outline, and the layers painted for the window:
+    grey `value`, dark `lines` to subtract, relief `height` (all flat, per window pixel)."""
+
+    sel: np.ndarray  # flat indices of the pixels inside the outline
+    fx: np.ndarray  # their pixel coordinates
+    fy: np.ndarray
+    depth: np.ndarray  # their distance inside the outline
+    grain: np.ndarray  # their texture
+    value: np.ndarray
+    lines: np.ndarray
+    height: np.ndarray
+    base: float  # culture-medium grey level
+    thin: float  # membrane line width
+
+
+def _blastocoel(
+    spec: EmbryoSpec, gx_: np.ndarray, gy_: np.ndarray, gsub: np.ndarray, sdf: np.ndarray,
+    inside: np.ndarray, px: float,
+) -> _Interior:
+    """Blastocoel: smooth, slightly darker fluid; every cell layer is painted over it."""
     base = spec.medium
-
-    # Blastocoel: smooth, slightly darker fluid; everything else is painted over it.
-    value = (base - 3.0 + 1.2 * gsub).ravel()
-    hval = (np.clip(-sdf, 0, None) * 0.08).ravel()
-    lines = np.zeros(value.size, np.float32)
     sel = np.flatnonzero(inside > 0)
-    fx, fy = gx_.ravel()[sel], gy_.ravel()[sel]
-    depth = -sdf.ravel()[sel]
-    gsel = gsub.ravel()[sel]
-    thin = 0.7 * px + 0.25
+    return _Interior(
+        sel=sel, fx=gx_.ravel()[sel], fy=gy_.ravel()[sel], depth=-sdf.ravel()[sel],
+        grain=gsub.ravel()[sel], value=(base - 3.0 + 1.2 * gsub).ravel(),
+        lines=np.zeros(gsub.size, np.float32), height=(np.clip(-sdf, 0, None) * 0.08).ravel(),
+        base=base, thin=0.7 * px + 0.25,
+    )
 
-    if spec.mass_cells:  # compacting cell mass around a small cavity (expansion 1-2)
-        seeds = np.array([frame.pt(x, y) for x, y in spec.mass_cells], np.float32)
-        idx, _, wall = _voronoi(fx, fy, seeds[:, 0], seeds[:, 1])
-        cavx, cavy = frame.pt(spec.cavity[0], spec.cavity[1])
-        cav_sdf = np.hypot(fx - cavx, fy - cavy) - spec.cavity[2] * frame.unit
-        mass = np.clip(cav_sdf + 0.5, 0.0, 1.0)
-        tone = np.random.default_rng(spec.seed).uniform(-3.0, 3.0, len(seeds)).astype(np.float32)
-        mv = base + 9.0 + tone[idx] + 5.0 * gsel
-        value[sel] += mass * (mv - value[sel])
-        lines[sel] += mass * 16.0 * _line(wall, thin) + 10.0 * _line(cav_sdf, thin + 0.1)
-        hval[sel] = np.maximum(hval[sel], mass * np.clip(cav_sdf, 0, None) * 0.35)
 
-    if spec.icm_cells:  # inner cell mass: packed cells, each reaching `r` from its seed
-        seeds = np.array([frame.pt(x, y) for x, y, _ in spec.icm_cells], np.float32)
-        rads = np.array([r for _, _, r in spec.icm_cells], np.float32) * frame.unit
-        idx, d1, wall = _voronoi(fx, fy, seeds[:, 0], seeds[:, 1])
-        edge = rads[idx] - d1
-        member = np.clip(edge + 0.5, 0.0, 1.0) * np.clip(depth - 0.5, 0.0, 1.0)
-        iv = base + 24.0 + 8.0 * gsel
-        value[sel] += member * (iv - value[sel])
-        lines[sel] += member * 20.0 * _line(wall, thin) + 12.0 * _line(edge, thin + 0.1)
-        dome = np.sqrt(np.clip(1 - (d1 / np.maximum(rads[idx], 1e-3)) ** 2, 0, 1)) * rads[idx]
-        hval[sel] = np.maximum(hval[sel], member * dome * 0.5)
+def _paint_cell_mass(layers: _Interior, spec: EmbryoSpec, frame: _Frame) -> None:
+    """Compacting cell mass around a small cavity (expansion 1-2)."""
+    sel, fx, fy, thin = layers.sel, layers.fx, layers.fy, layers.thin
+    value, lines, hval = layers.value, layers.lines, layers.height
+    seeds = np.array([frame.pt(x, y) for x, y in spec.mass_cells], np.float32)
+    idx, _, wall = _voronoi(fx, fy, seeds[:, 0], seeds[:, 1])
+    cavx, cavy = frame.pt(spec.cavity[0], spec.cavity[1])
+    cav_sdf = np.hypot(fx - cavx, fy - cavy) - spec.cavity[2] * frame.unit
+    mass = np.clip(cav_sdf + 0.5, 0.0, 1.0)
+    tone = np.random.default_rng(spec.seed).uniform(-3.0, 3.0, len(seeds)).astype(np.float32)
+    mv = layers.base + 9.0 + tone[idx] + 5.0 * layers.grain
+    value[sel] += mass * (mv - value[sel])
+    lines[sel] += mass * 16.0 * _line(wall, thin) + 10.0 * _line(cav_sdf, thin + 0.1)
+    hval[sel] = np.maximum(hval[sel], mass * np.clip(cav_sdf, 0, None) * 0.35)
 
-    if spec.te_cells:  # trophectoderm: thin cells lining the outline, absent along gaps
-        seeds = np.array([frame.pt(x, y) for x, y, _ in spec.te_cells], np.float32)
-        thick = np.array([t for _, _, t in spec.te_cells], np.float32) * frame.unit
-        near = depth < thick.max() + 2 * px
-        ns = sel[near]
-        idx, d1, wall = _voronoi(fx[near], fy[near], seeds[:, 0], seeds[:, 1])
-        dep = depth[near]
-        open_ = 0.0 if gap is None else gap.ravel()[ns]
-        layer = np.clip(thick[idx] - dep + 0.5, 0.0, 1.0) * (1.0 - open_)
-        nucleus = np.exp(-((d1 / (thick[idx] * 0.9 + px)) ** 2))
-        tv = base + 8.0 + 10.0 * nucleus + 3.0 * gsel[near]
-        value[ns] += layer * (tv - value[ns])
-        lines[ns] += layer * 20.0 * _line(wall, thin)
-        lines[ns] += 14.0 * _line(dep - thick[idx], thin) * (1.0 - open_)
-        hval[ns] = np.maximum(hval[ns], layer * (thick[idx] * 0.6 + nucleus * 1.5 * px))
 
-    membrane = _line(sdf.ravel(), thin + 0.05)
+def _paint_icm(layers: _Interior, spec: EmbryoSpec, frame: _Frame) -> None:
+    """Inner cell mass: packed cells, each reaching `r` from its seed."""
+    sel, thin = layers.sel, layers.thin
+    value, lines, hval = layers.value, layers.lines, layers.height
+    seeds = np.array([frame.pt(x, y) for x, y, _ in spec.icm_cells], np.float32)
+    rads = np.array([r for _, _, r in spec.icm_cells], np.float32) * frame.unit
+    idx, d1, wall = _voronoi(layers.fx, layers.fy, seeds[:, 0], seeds[:, 1])
+    edge = rads[idx] - d1
+    member = np.clip(edge + 0.5, 0.0, 1.0) * np.clip(layers.depth - 0.5, 0.0, 1.0)
+    iv = layers.base + 24.0 + 8.0 * layers.grain
+    value[sel] += member * (iv - value[sel])
+    lines[sel] += member * 20.0 * _line(wall, thin) + 12.0 * _line(edge, thin + 0.1)
+    dome = np.sqrt(np.clip(1 - (d1 / np.maximum(rads[idx], 1e-3)) ** 2, 0, 1)) * rads[idx]
+    hval[sel] = np.maximum(hval[sel], member * dome * 0.5)
+
+
+def _paint_trophectoderm(
+    layers: _Interior, spec: EmbryoSpec, frame: _Frame, gap: np.ndarray | None, px: float,
+) -> None:
+    """Trophectoderm: thin cells lining the outline, absent along gaps."""
+    thin, value, lines, hval = layers.thin, layers.value, layers.lines, layers.height
+    seeds = np.array([frame.pt(x, y) for x, y, _ in spec.te_cells], np.float32)
+    thick = np.array([t for _, _, t in spec.te_cells], np.float32) * frame.unit
+    near = layers.depth < thick.max() + 2 * px
+    ns = layers.sel[near]
+    idx, d1, wall = _voronoi(layers.fx[near], layers.fy[near], seeds[:, 0], seeds[:, 1])
+    dep = layers.depth[near]
+    open_ = 0.0 if gap is None else gap.ravel()[ns]
+    layer = np.clip(thick[idx] - dep + 0.5, 0.0, 1.0) * (1.0 - open_)
+    nucleus = np.exp(-((d1 / (thick[idx] * 0.9 + px)) ** 2))
+    tv = layers.base + 8.0 + 10.0 * nucleus + 3.0 * layers.grain[near]
+    value[ns] += layer * (tv - value[ns])
+    lines[ns] += layer * 20.0 * _line(wall, thin)
+    lines[ns] += 14.0 * _line(dep - thick[idx], thin) * (1.0 - open_)
+    hval[ns] = np.maximum(hval[ns], layer * (thick[idx] * 0.6 + nucleus * 1.5 * px))
+
+
+def _composite(
+    img: np.ndarray, height: np.ndarray, ys: slice, xs: slice, inside: np.ndarray,
+    sdf: np.ndarray, gap: np.ndarray | None, layers: _Interior,
+) -> None:
+    """Blend the painted layers into the window and draw the outer membrane."""
+    membrane = _line(sdf.ravel(), layers.thin + 0.05)
     if gap is not None:
         membrane *= 1.0 - 0.6 * gap.ravel()
+    lines = layers.lines
     lines += 18.0 * membrane
     sub = img[ys, xs]
     ins = inside.ravel()
     flat = sub.ravel()
-    img[ys, xs] = (flat + ins * (value - flat) - lines).reshape(sub.shape)
-    height[ys, xs] = np.maximum(height[ys, xs], (ins * hval).reshape(sub.shape))
+    img[ys, xs] = (flat + ins * (layers.value - flat) - lines).reshape(sub.shape)
+    height[ys, xs] = np.maximum(height[ys, xs], (ins * layers.height).reshape(sub.shape))
+
+
+def _draw_blastocyst(
+    img: np.ndarray, height: np.ndarray, grain: np.ndarray, spec: EmbryoSpec, frame: _Frame,
+    px: float,
+) -> None:
+    window = _blastocyst_window(spec, frame, px)
+    if window is None:
+        return
+    circles, ys, xs = window
+    xx, yy = _grid(frame.size)
+    gx_, gy_ = xx[ys, xs], yy[ys, xs]
+    sdf, gap = _outline_distance(spec, frame, circles, gx_, gy_)
+    inside = np.clip(-sdf + 0.5, 0.0, 1.0)
+    layers = _blastocoel(spec, gx_, gy_, grain[ys, xs], sdf, inside, px)
+    if spec.mass_cells:
+        _paint_cell_mass(layers, spec, frame)
+    if spec.icm_cells:
+        _paint_icm(layers, spec, frame)
+    if spec.te_cells:
+        _paint_trophectoderm(layers, spec, frame, gap, px)
+    _composite(img, height, ys, xs, inside, sdf, gap, layers)
     for x, y, r in spec.fragments:
-        _draw_blob(img, height, grain, frame, (x, y, r, r, 0.0), base + 5.0, 3.0, 26.0, 0.9, px)
+        _draw_blob(img, height, grain, frame, (x, y, r, r, 0.0), spec.medium + 5.0, 3.0, 26.0,
+                   0.9, px)
+
+
+def _add_relief(img: np.ndarray, height: np.ndarray, spec: EmbryoSpec, px: float) -> None:
+    """Modulation-contrast relief: brightness follows the slope of the optical path."""
+    smooth = cv2.GaussianBlur(height, (0, 0), 0.8 * px)
+    ca, sa = math.cos(spec.relief_angle), math.sin(spec.relief_angle)
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3) * 0.125
+    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3) * 0.125
+    img += spec.relief * 18.0 * np.clip(ca * gx + sa * gy, -2.5, 2.5)
+
+
+def _set_exposure(img: np.ndarray, r: np.ndarray, spec: EmbryoSpec, frame: _Frame,
+                  px: float) -> None:
+    """Class-free exposure: the zona interior gets a target mean, whatever its content."""
+    inner_px = frame.unit * (1.0 - spec.zona_thickness)
+    inner = r < inner_px * 0.97
+    if inner.any():
+        vals = img[inner]
+        mean, std = float(vals.mean()), float(vals.std())
+        gain = min(max(spec.interior_contrast / max(std, 1e-3), 0.5), 2.0)
+        target = spec.medium + spec.interior_shift
+        weight = np.clip((inner_px - r) / (2.0 * px), 0.0, 1.0)
+        img += weight * ((img - mean) * (gain - 1.0) + (target - mean))
+
+
+def _illuminate(img: np.ndarray, r: np.ndarray, spec: EmbryoSpec, size: int) -> None:
+    """Uneven illumination: a radial fall-off or a linear ramp across the image."""
+    if spec.illumination == "radial":
+        fall = (r / (0.7 * size)) ** 2
+        img *= 1.0 + spec.illumination_strength * (0.5 - fall)
+    else:
+        xx, yy = _grid(size)
+        ca, sa = math.cos(spec.illumination_angle), math.sin(spec.illumination_angle)
+        ramp = ((xx - size / 2) * ca + (yy - size / 2) * sa) / size
+        img *= 1.0 + spec.illumination_strength * ramp
+
+
+def _defocus_and_noise(img: np.ndarray, spec: EmbryoSpec, focal_plane: int,
+                       noise_rng: np.random.Generator, px: float) -> np.ndarray:
+    """Blur growing with the distance from focus, then sensor noise; the uint8 image."""
+    sigma = (spec.blur + 0.9 * abs(focal_plane) / FOCAL_STEP) * px
+    if sigma > 0.05:
+        img = cv2.GaussianBlur(img, (0, 0), sigma)
+    # Sensor noise, slightly correlated as after demosaicing; brighter pixels are noisier.
+    noise = _smooth_noise(noise_rng, img.shape[0], 0.6 * px)
+    img += noise * (spec.noise * np.sqrt(np.clip(img, 1.0, None) / 128.0))
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
 def render_embryo(spec: EmbryoSpec, size: int = 128, focal_plane: int = 0) -> np.ndarray:
@@ -638,40 +823,10 @@ def render_embryo(spec: EmbryoSpec, size: int = 128, focal_plane: int = 0) -> np
         _draw_cleavage(img, height, grain, spec, frame, px)
     else:
         _draw_blastocyst(img, height, grain, spec, frame, px)
-
-    # Modulation-contrast relief: brightness follows the slope of the optical path.
-    smooth = cv2.GaussianBlur(height, (0, 0), 0.8 * px)
-    ca, sa = math.cos(spec.relief_angle), math.sin(spec.relief_angle)
-    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3) * 0.125
-    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3) * 0.125
-    img += spec.relief * 18.0 * np.clip(ca * gx + sa * gy, -2.5, 2.5)
-
-    # Class-free exposure: the zona interior gets a target mean, whatever its content.
-    inner_px = frame.unit * (1.0 - spec.zona_thickness)
-    inner = r < inner_px * 0.97
-    if inner.any():
-        vals = img[inner]
-        mean, std = float(vals.mean()), float(vals.std())
-        gain = min(max(spec.interior_contrast / max(std, 1e-3), 0.5), 2.0)
-        target = spec.medium + spec.interior_shift
-        weight = np.clip((inner_px - r) / (2.0 * px), 0.0, 1.0)
-        img += weight * ((img - mean) * (gain - 1.0) + (target - mean))
-
-    if spec.illumination == "radial":
-        fall = (r / (0.7 * size)) ** 2
-        img *= 1.0 + spec.illumination_strength * (0.5 - fall)
-    else:
-        ca, sa = math.cos(spec.illumination_angle), math.sin(spec.illumination_angle)
-        ramp = ((xx - size / 2) * ca + (yy - size / 2) * sa) / size
-        img *= 1.0 + spec.illumination_strength * ramp
-
-    sigma = (spec.blur + 0.9 * abs(focal_plane) / FOCAL_STEP) * px
-    if sigma > 0.05:
-        img = cv2.GaussianBlur(img, (0, 0), sigma)
-    # Sensor noise, slightly correlated as after demosaicing; brighter pixels are noisier.
-    noise = _smooth_noise(noise_rng, size, 0.6 * px)
-    img += noise * (spec.noise * np.sqrt(np.clip(img, 1.0, None) / 128.0))
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    _add_relief(img, height, spec, px)
+    _set_exposure(img, r, spec, frame, px)
+    _illuminate(img, r, spec, size)
+    return _defocus_and_noise(img, spec, focal_plane, noise_rng, px)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,6 +847,88 @@ def _png_bytes(array: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - only on a broken OpenCV build
         raise RuntimeError("OpenCV could not encode a PNG")
     return buf.tobytes()
+
+
+def _check_dataset_arguments(
+    n: int, good_fraction: float, embryos_per_patient: tuple[int, int], label_rule: str,
+    day_good_rates: tuple[float, float],
+) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= good_fraction <= 1.0:
+        raise ValueError(f"good_fraction must be in [0, 1], got {good_fraction}")
+    if label_rule not in ("morphology", "day"):
+        raise ValueError(f"label_rule must be 'morphology' or 'day', got {label_rule!r}")
+    if not all(0.0 <= r <= 1.0 for r in day_good_rates) or len(day_good_rates) != len(DAYS):
+        raise ValueError(f"day_good_rates must be two rates in [0, 1], got {day_good_rates}")
+    lo, hi = embryos_per_patient
+    if lo < 1 or hi < lo:
+        raise ValueError(f"embryos_per_patient must be (min, max) with 1 <= min <= max, "
+                         f"got {embryos_per_patient}")
+
+
+def _labels_and_days(
+    rng: np.random.Generator, n_embryos: int, good_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels in exact proportion, days alternating within each label, then shuffled."""
+    n_good = int(round(good_fraction * n_embryos))
+    labels = np.array(["good"] * n_good + ["poor"] * (n_embryos - n_good))
+    days = np.zeros(n_embryos, dtype=int)
+    for label in CLASSES:
+        where = np.flatnonzero(labels == label)
+        d = np.array([DAYS[i % 2] for i in range(len(where))])
+        days[where] = rng.permutation(d)
+    order = rng.permutation(n_embryos)
+    return labels[order], days[order]
+
+
+def _patients(
+    rng: np.random.Generator, n_embryos: int, embryos_per_patient: tuple[int, int]
+) -> list[tuple[str, str, int]]:
+    """(patient id, embryo id, embryo index) for every embryo, patients of lo..hi embryos."""
+    lo, hi = embryos_per_patient
+    jobs: list[tuple[str, str, int]] = []
+    patient = 0
+    while len(jobs) < n_embryos:
+        patient += 1
+        count = int(rng.integers(lo, hi + 1))
+        pid = f"P{patient:04d}"
+        for e in range(min(count, n_embryos - len(jobs))):
+            jobs.append((pid, f"{pid}-E{e + 1:02d}", len(jobs)))
+    return jobs
+
+
+def _with_progress(
+    jobs: list[tuple[str, str, int]], progress: bool
+) -> Iterable[tuple[str, str, int]]:
+    if not progress:
+        return jobs
+    from tqdm import tqdm  # only the CLI wants a bar; keep the import off the library path
+
+    return tqdm(jobs, desc="synthetic embryos", unit="embryo")
+
+
+def _write_images(
+    out_dir: Path, spec: EmbryoSpec, size: int, planes: list[int]
+) -> list[dict[str, object]]:
+    """One PNG per focal plane of `spec`; their manifest rows."""
+    rows: list[dict[str, object]] = []
+    for plane in planes:
+        rel = f"images/{spec.label}/{spec.embryo_id}_{plane}.png"
+        # atomic, not fsync'ed: test images regenerated by seed; the manifest is durable
+        atomic_write_bytes(out_dir / rel, _png_bytes(render_embryo(spec, size, plane)),
+                           durable=False)
+        rows.append({"path": rel, "label": spec.label, "patient_id": spec.patient_id,
+                     "embryo_id": spec.embryo_id, "day": spec.day, "focal_plane": plane,
+                     "grade": spec.grade})
+    return rows
+
+
+def _write_manifest(manifest: Path, rows: list[dict[str, object]]) -> None:
+    with atomic_open(manifest, "w", newline="") as fh:  # never half a manifest
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def generate_dataset(
@@ -722,72 +959,30 @@ def generate_dataset(
     visible, so a model can score well overall by recognising the day while knowing nothing
     about quality within a day. The default rule leaves every draw, and so every file, as it was.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0.0 <= good_fraction <= 1.0:
-        raise ValueError(f"good_fraction must be in [0, 1], got {good_fraction}")
-    if label_rule not in ("morphology", "day"):
-        raise ValueError(f"label_rule must be 'morphology' or 'day', got {label_rule!r}")
-    if not all(0.0 <= r <= 1.0 for r in day_good_rates) or len(day_good_rates) != len(DAYS):
-        raise ValueError(f"day_good_rates must be two rates in [0, 1], got {day_good_rates}")
-    lo, hi = embryos_per_patient
-    if lo < 1 or hi < lo:
-        raise ValueError(f"embryos_per_patient must be (min, max) with 1 <= min <= max, "
-                         f"got {embryos_per_patient}")
+    _check_dataset_arguments(n, good_fraction, embryos_per_patient, label_rule, day_good_rates)
     planes = focal_plane_offsets(focal_planes)
     near_first = sorted(planes, key=lambda p: (abs(p), p))
     n_embryos = math.ceil(n / focal_planes)
     rng = np.random.default_rng(seed)
-
-    n_good = int(round(good_fraction * n_embryos))
-    labels = np.array(["good"] * n_good + ["poor"] * (n_embryos - n_good))
-    days = np.zeros(n_embryos, dtype=int)
-    for label in CLASSES:
-        where = np.flatnonzero(labels == label)
-        d = np.array([DAYS[i % 2] for i in range(len(where))])
-        days[where] = rng.permutation(d)
-    order = rng.permutation(n_embryos)
-    labels, days = labels[order], days[order]
+    labels, days = _labels_and_days(rng, n_embryos, good_fraction)
 
     out_dir = Path(out_dir)
     for label in CLASSES:
         (out_dir / "images" / label).mkdir(parents=True, exist_ok=True)
+    jobs = _patients(rng, n_embryos, embryos_per_patient)
 
-    jobs: list[tuple[str, str, int]] = []  # patient, embryo, index
-    patient = 0
-    while len(jobs) < n_embryos:
-        patient += 1
-        count = int(rng.integers(lo, hi + 1))
-        pid = f"P{patient:04d}"
-        for e in range(min(count, n_embryos - len(jobs))):
-            jobs.append((pid, f"{pid}-E{e + 1:02d}", len(jobs)))
-
-    iterator: Iterable[tuple[str, str, int]] = jobs
-    if progress:
-        from tqdm import tqdm  # only the CLI wants a bar; keep the import off the library path
-
-        iterator = tqdm(jobs, desc="synthetic embryos", unit="embryo")
     rows: list[dict[str, object]] = []
     remaining = n
     label_rng = np.random.default_rng([seed, 1])  # its own stream: `rng` draws stay the same
-    for pid, eid, i in iterator:
+    for pid, eid, i in _with_progress(jobs, progress):
         spec = sample_embryo(rng, str(labels[i]), int(days[i]), eid, pid)
         if label_rule == "day":  # the label follows the day only; the looks stay as drawn
             rate = day_good_rates[DAYS.index(spec.day)]
             spec = replace(spec, label="good" if label_rng.random() < rate else "poor")
         take = sorted(near_first[: min(focal_planes, remaining)])
         remaining -= len(take)
-        for plane in take:
-            rel = f"images/{spec.label}/{eid}_{plane}.png"
-            # atomic, not fsync'ed: test images regenerated by seed; the manifest is durable
-            atomic_write_bytes(out_dir / rel, _png_bytes(render_embryo(spec, size, plane)),
-                               durable=False)
-            rows.append({"path": rel, "label": spec.label, "patient_id": pid, "embryo_id": eid,
-                         "day": spec.day, "focal_plane": plane, "grade": spec.grade})
+        rows += _write_images(out_dir, spec, size, take)
 
     manifest = out_dir / "manifest.csv"
-    with atomic_open(manifest, "w", newline="") as fh:  # never half a manifest
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_manifest(manifest, rows)
     return manifest

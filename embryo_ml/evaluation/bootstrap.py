@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from statistics import NormalDist  # the standard library: no scipy on the report path
 
 import numpy as np
-from scipy.stats import norm
 
 LEVEL = 0.95
 _CHUNK_CELLS = 4_000_000  # weights per chunk: B_chunk x n_rows floats (32 MB)
@@ -99,5 +99,5 @@ def normal_interval(values: np.ndarray, estimate: float, level: float = LEVEL,
     values = _finite(values)
     if len(values) < 2 or not math.isfinite(estimate):
         return math.nan, math.nan
-    half = float(norm.ppf(1 - (1 - level) / 2)) * float(np.std(values, ddof=1))
+    half = NormalDist().inv_cdf(1 - (1 - level) / 2) * float(np.std(values, ddof=1))
     return max(floor, estimate - half), estimate + half

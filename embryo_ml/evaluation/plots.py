@@ -1,31 +1,42 @@
-"""Evaluation plots as matplotlib figures (Agg backend: works headless, in CI and on servers).
+"""Evaluation plots as matplotlib figures, drawn headless (works in CI and on servers).
 
 ROC and PR curves with their AUC, ROC curves of each subgroup on one figure, the score
 distribution per class, the confusion matrix, the reliability diagram and training curves.
 Training and cross-validation log them to MLflow; `embryo-ml evaluate` saves them as PNGs.
+
+Each figure is a `matplotlib.figure.Figure` on its own Agg canvas (`_figure`), outside pyplot:
+drawing one changes no global state, so importing this module (or training code) from a
+notebook leaves the user's backend and pyplot's figures as they were. A notebook displays the
+returned figure like any other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc as area_under
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import auc as area_under  # noqa: E402
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
+from embryo_ml.fileio import atomic_path
 
-from embryo_ml.fileio import atomic_path  # noqa: E402
+
+def _figure(figsize: tuple[float, float], ncols: int = 1) -> tuple[Figure, Any]:
+    """A figure on its own Agg canvas (not registered with pyplot) and its axes (one, or a row
+    of `ncols`), as `pyplot.subplots(1, ncols, figsize=figsize)` would make them."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols)
 
 
 def confusion_matrix_figure(
     matrix: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix"
 ) -> Figure:
     """Counts with the row-normalised rate in each cell: rows are true classes."""
-    fig, ax = plt.subplots(figsize=(3.6 + 0.4 * len(classes), 3.2 + 0.4 * len(classes)))
+    fig, ax = _figure((3.6 + 0.4 * len(classes), 3.2 + 0.4 * len(classes)))
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (row, col), count in np.ndenumerate(matrix):
@@ -41,7 +52,7 @@ def confusion_matrix_figure(
 
 
 def roc_figure(y_true: np.ndarray, p_positive: np.ndarray, positive_class: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = _figure((4.2, 4.2))
     if len(np.unique(y_true)) == 2:
         fpr, tpr, _ = roc_curve(y_true, p_positive)
         ax.plot(fpr, tpr, lw=2, label=f"AUC = {area_under(fpr, tpr):.3f}")
@@ -60,7 +71,7 @@ def training_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     """Loss (left) and validation AUC (right) per epoch; the right panel also shows the
     within-group AUC that selects the checkpoint (`val_within_<column>_auc`) when there is one."""
     epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, (left, right) = _figure((8, 3.2), ncols=2)
     left.plot(epochs, [row["train_loss"] for row in history], label="train")
     left.plot(epochs, [row["val_loss"] for row in history], label="validation")
     left.set_xlabel("epoch")
@@ -88,7 +99,7 @@ def reliability_figure(
     perfect calibration."""
     from embryo_ml.evaluation.calibration import expected_calibration_error, reliability_bins
 
-    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    fig, ax = _figure((4.4, 4.4))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     curves = [(p_after, "scores" if temperature is None else f"after (T={temperature:.2f})")]
     if p_before is not None:
@@ -110,7 +121,7 @@ def reliability_figure(
 def pr_figure(y_true: np.ndarray, p_positive: np.ndarray, positive_class: str) -> Figure:
     """Precision against recall; the dotted line is the share of positives (a random score)."""
     y_true = np.asarray(y_true, dtype=bool)
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = _figure((4.2, 4.2))
     if len(np.unique(y_true)) == 2:
         precision, recall, _ = precision_recall_curve(y_true, p_positive)
         ap = average_precision_score(y_true, p_positive)
@@ -136,7 +147,7 @@ def score_distribution_figure(
     """Histograms of the positive-class score for each true class (and the threshold)."""
     y_true = np.asarray(y_true, dtype=bool)
     p_positive = np.asarray(p_positive, dtype=float)
-    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    fig, ax = _figure((5.0, 3.4))
     bins = np.linspace(0, 1, 21)
     for mask, name, colour in ((~y_true, negative_class, "C1"), (y_true, positive_class, "C0")):
         ax.hist(p_positive[mask], bins=bins, alpha=0.55, color=colour,
@@ -164,7 +175,7 @@ def subgroup_roc_figure(
     from embryo_ml.evaluation.shortcut import column_values, natural_key
 
     values = column_values(values)
-    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    fig, ax = _figure((4.8, 4.6))
     skipped = []
     for value in sorted(set(values), key=natural_key):
         mask = values == value
@@ -197,4 +208,13 @@ def save_figure(fig: Figure, path: str) -> None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110)
     finally:
+        _close(fig)
+
+
+def _close(fig: Figure) -> None:
+    """Let pyplot forget a figure it manages (a caller's own `plt.figure()`); the figures drawn
+    here have no manager and are freed with their last reference."""
+    if fig.canvas.manager is not None:
+        import matplotlib.pyplot as plt
+
         plt.close(fig)

@@ -25,7 +25,8 @@ know whether a bundle is the one that scored.
 
 Values. `read_bundle` also checks every field's type and range (`bundle_problem`: temperature
 > 0, threshold in [0, 1], three means and three positive stds, file names inside the folder, ...)
-with a `BundleError` naming the field: a value no scorer can use is never read as one.
+with a `BundleError` naming the field: a value no scorer can use is never read as one. The
+checks of the files are here, those of every other field in `embryo_ml.export.bundle_checks`.
 
 `validation` is the training run's model-quality gate (`metrics.json` `validation`: a verdict
 `passed`, `failed` or `inconclusive`, a reason a person reads, and the checks behind it), copied
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -47,7 +47,17 @@ from pathlib import Path
 from typing import Any
 
 from embryo_ml.errors import BundleError
-from embryo_ml.evaluation.gate import FAILED, PASSED, PASSED_FOR_VERDICT, VERDICTS
+from embryo_ml.evaluation.gate import FAILED, PASSED
+from embryo_ml.export.bundle_checks import (
+    conformal_problem,
+    heads_problem,
+    input_problem,
+    is_text,
+    model_problem,
+    ood_problem,
+    provenance_problem,
+    quality_problem,
+)
 from embryo_ml.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -56,8 +66,6 @@ MODEL_FILE = "model.onnx"
 MODEL_CARD_FILE = "MODEL_CARD.md"  # written by embryo_ml.export.model_card
 SIGNATURE_FILE = "bundle.sig"  # written and checked by embryo_ml.export.signing
 IDENTITY_FIELD = "bundle_sha256"
-MAX_INPUT_SIZE = 8192  # pixels per side; a larger value is a typo, not a model
-PRECISIONS = ("fp32", "int8")  # the model files an `ood` record may describe
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -243,53 +251,6 @@ def read_bundle(folder: str | os.PathLike[str], verify: bool = True) -> Bundle:
     return bundle
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_problem(check: object) -> str | None:
-    if not isinstance(check, dict) or not isinstance(check.get("name"), str):
-        return f"needs objects with a 'name', got {check!r}"
-    name = check["name"]
-    if "value" in check and check["value"] is not None and not _is_number(check["value"]):
-        return f"check {name!r}: 'value' must be a number, got {check['value']!r}"
-    ci = check.get("ci")
-    if ci is not None and not (isinstance(ci, list) and len(ci) == 2
-                               and all(v is None or _is_number(v) for v in ci)):
-        return f"check {name!r}: 'ci' must be [low, high], got {ci!r}"
-    if check.get("passed") not in (True, False, None):
-        return f"check {name!r}: 'passed' must be true, false or null, got {check['passed']!r}"
-    return None
-
-
-def validation_problem(record: object) -> str | None:
-    """What is wrong with a quality-gate record, or None when it is well-formed.
-
-    One judge for both sides: the exporter checks the run's `metrics.json` record with it and
-    `read_bundle` the copy in `bundle.json`, so a record no reader accepts is never written."""
-    if not isinstance(record, dict):
-        return f"must be an object, got {type(record).__name__}"
-    verdict = record.get("verdict")
-    if verdict not in VERDICTS:
-        return f"verdict must be one of {', '.join(VERDICTS)}; got {verdict!r}"
-    expected = PASSED_FOR_VERDICT[verdict]
-    if "passed" not in record or record["passed"] is not expected:
-        return (f"'passed' must be {json.dumps(expected)} for verdict {verdict!r}, "
-                f"got {record.get('passed')!r}")
-    if not isinstance(record.get("reason"), str):
-        return f"needs a 'reason' (text), got {record.get('reason')!r}"
-    checks = record.get("checks", [])
-    if not isinstance(checks, list):
-        return f"'checks' must be a list, got {type(checks).__name__}"
-    for check in checks:
-        problem = _check_problem(check)
-        if problem:
-            return f"'checks' {problem}"
-    if record.get("exported_despite_failure", False) not in (True, False):
-        return "'exported_despite_failure' must be true or false"
-    return None
-
-
 def reason_text(record: dict[str, Any]) -> str:
     """The record's reason as a clause to embed in a sentence (no final full stop)."""
     return str(record.get("reason") or "").strip().rstrip(".") or "no reason recorded"
@@ -308,32 +269,7 @@ def validation_warning(bundle: Bundle) -> str | None:
             "with caution")
 
 
-# ------------------------------------------------------------------------- field values ----
-
-
-def _finite(value: object) -> bool:
-    """A number a float holds: not NaN or infinite, and no integer beyond float's range."""
-    if not _is_number(value):
-        return False
-    try:
-        return math.isfinite(value)  # type: ignore[arg-type]
-    except OverflowError:  # JSON integers have no size limit
-        return False
-
-
-def _in_unit(value: object, closed: bool = False) -> bool:
-    """In (0, 1), or [0, 1] when `closed`."""
-    if not _finite(value):
-        return False
-    return 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0  # type: ignore[operator]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
+# ------------------------------------------------------------ the files, and every value ----
 
 
 def _is_sha256(value: object) -> bool:
@@ -342,74 +278,8 @@ def _is_sha256(value: object) -> bool:
 
 def _plain_name(file: object) -> bool:
     """A file name inside the bundle folder: no folder part, no drive, no way out of it."""
-    return (_is_text(file) and not any(c in file for c in "/\\:\0")  # type: ignore[union-attr]
+    return (is_text(file) and not any(c in file for c in "/\\:\0")  # type: ignore[union-attr]
             and file not in (".", ".."))
-
-
-def _model_problem(b: Bundle) -> str | None:
-    """What a score means: the classes, the calibration and the threshold."""
-    if not _is_text(b.architecture):
-        return f"'architecture' must be text, got {b.architecture!r}"
-    classes = b.classes
-    if not (isinstance(classes, list) and len(classes) >= 2
-            and all(_is_text(c) for c in classes)):
-        return f"'classes' must be a list of at least two class names, got {classes!r}"
-    if len(set(classes)) != len(classes):
-        return f"'classes' must be unique, got {classes!r}"
-    if not isinstance(b.positive_class, str) or b.positive_class not in classes:
-        return f"'positive_class' {b.positive_class!r} not in classes {classes}"
-    if not (_finite(b.temperature) and b.temperature > 0):
-        return f"'temperature' must be a finite number > 0, got {b.temperature!r}"
-    if not _in_unit(b.threshold, closed=True):
-        return f"'threshold' must be a number in [0, 1], got {b.threshold!r}"
-    return None
-
-
-def _input_problem(b: Bundle) -> str | None:
-    """How an image becomes the model's input."""
-    if not (_is_int(b.input_size) and 1 <= b.input_size <= MAX_INPUT_SIZE):
-        return (f"'input_size' must be a whole number of pixels from 1 to {MAX_INPUT_SIZE}, "
-                f"got {b.input_size!r}")
-    for name, values in (("mean", b.mean), ("std", b.std)):
-        if not (isinstance(values, list) and len(values) == 3 and all(map(_finite, values))):
-            return f"'{name}' must be three numbers (R, G, B), got {values!r}"
-    if not all(v > 0 for v in b.std):
-        return f"'std' must be three numbers > 0, got {b.std!r}"
-    if b.channel_order != "RGB":
-        return (f"'channel_order' must be 'RGB' (the order images are read in), got "
-                f"{b.channel_order!r}")
-    if b.layout != "NCHW":
-        return f"'layout' must be 'NCHW' (the layout images are prepared in), got {b.layout!r}"
-    for name in ("resize_policy", "input_name", "output_name"):
-        if not _is_text(getattr(b, name)):
-            return f"'{name}' must be text, got {getattr(b, name)!r}"
-    if b.cam_output is not None and not _is_text(b.cam_output):
-        return f"'cam_output' must be an output name or null, got {b.cam_output!r}"
-    return None
-
-
-def _heads_problem(b: Bundle) -> str | None:
-    """Grade heads: blocks of logit columns after the main classes, none overlapping."""
-    if b.heads is None:
-        return None
-    if not isinstance(b.heads, dict):
-        return f"'heads' must be an object (name -> offset and classes), got {b.heads!r}"
-    blocks = []
-    for name, head in b.heads.items():
-        offset = head.get("offset") if isinstance(head, dict) else None
-        classes = head.get("classes") if isinstance(head, dict) else None
-        if not _is_int(offset) or offset < len(b.classes):  # type: ignore[operator]
-            return (f"'heads' {name!r}: 'offset' must be a whole number >= {len(b.classes)} "
-                    f"(after the main classes), got {offset!r}")
-        if not (isinstance(classes, list) and classes and all(_is_text(c) for c in classes)
-                and len(set(classes)) == len(classes)):
-            return f"'heads' {name!r}: 'classes' must be a list of unique names, got {classes!r}"
-        blocks.append((offset, offset + len(classes), name))
-    blocks.sort()
-    for (_, end, first), (start, _, second) in zip(blocks, blocks[1:]):
-        if start < end:
-            return f"'heads' {first!r} and {second!r} overlap (column {start})"
-    return None
 
 
 def _files_problem(b: Bundle) -> str | None:
@@ -442,91 +312,8 @@ def _files_problem(b: Bundle) -> str | None:
     return None
 
 
-def _ood_problem(b: Bundle) -> str | None:
-    """The out-of-distribution reference's settings (its file: `_files_problem`)."""
-    ood = b.ood
-    if ood is None:
-        return None
-    if not (_is_int(ood.get("k")) and ood["k"] >= 1):
-        return f"'ood' 'k' must be a whole number >= 1, got {ood.get('k')!r}"
-    if not _is_text(ood.get("feature_output")):
-        return (f"'ood' 'feature_output' must be the model output it reads, got "
-                f"{ood.get('feature_output')!r}")
-    models = ["fp32"] + ["int8"] * (b.int8 is not None)
-    for key, ok, what in (("limits", _finite, "a finite number"),
-                          ("expected_rate", _in_unit, "a number in (0, 1)")):
-        values = ood.get(key)
-        if not (isinstance(values, dict) and set(models) <= set(values) <= set(PRECISIONS)):
-            return f"'ood' '{key}' needs {what} for each of {models}, got {values!r}"
-        for precision, value in values.items():
-            if not ok(value):
-                return f"'ood' '{key}' of {precision} must be {what}, got {value!r}"
-    for key in ("alpha", "shift_p"):
-        if ood.get(key) is not None and not _in_unit(ood[key]):
-            return f"'ood' '{key}' must be a number in (0, 1), got {ood[key]!r}"
-    n = ood.get("n_calibration")
-    if n is not None and not (_is_int(n) and n >= 1):
-        return f"'ood' 'n_calibration' must be a whole number >= 1, got {n!r}"
-    return None
-
-
-def _conformal_problem(b: Bundle) -> str | None:
-    """The conformal prediction sets: a level and one quantile per class."""
-    record = b.conformal
-    if record is None:
-        return None
-    if not isinstance(record, dict):
-        return f"'conformal' must be an object or null, got {record!r}"
-    if not _in_unit(record.get("alpha")):
-        return f"'conformal' 'alpha' must be a number in (0, 1), got {record.get('alpha')!r}"
-    quantiles = record.get("quantiles")
-    if not (isinstance(quantiles, dict) and set(quantiles) == set(b.classes)):
-        return (f"'conformal' 'quantiles' needs one number per class of {b.classes}, got "
-                f"{quantiles!r}")
-    for name in b.classes:
-        if not _in_unit(quantiles[name], closed=True):
-            return (f"'conformal' quantile of {name!r} must be a number in [0, 1], got "
-                    f"{quantiles[name]!r}")
-    return None
-
-
-def _quality_problem(b: Bundle) -> str | None:
-    """The pixel-quality and energy thresholds, judged by `QualityThresholds` itself."""
-    if b.quality is None:
-        return None
-    if not isinstance(b.quality, dict):
-        return f"'quality' must be an object or null, got {b.quality!r}"
-    for key, value in b.quality.items():
-        if value is not None and not _finite(value):
-            return f"'quality' '{key}' must be a finite number or null, got {value!r}"
-    # the flags' own judge; imported here because embryo_ml.score sits above this module
-    from embryo_ml.data.quality import QualityThresholds
-
-    try:
-        QualityThresholds.from_dict(b.quality)
-    except (TypeError, ValueError) as error:
-        return f"'quality' {error}"
-    return None
-
-
-def _provenance_problem(b: Bundle) -> str | None:
-    """Where the model came from: run id, figures, versions, the quality gate's record."""
-    if b.run_id is not None and not isinstance(b.run_id, str):
-        return f"'run_id' must be text or null, got {b.run_id!r}"
-    if not isinstance(b.created, str):
-        return f"'created' must be text, got {b.created!r}"
-    for name in ("val_metrics", "versions"):
-        if not isinstance(getattr(b, name), dict):
-            return f"'{name}' must be an object, got {getattr(b, name)!r}"
-    if b.validation is not None:
-        problem = validation_problem(b.validation)
-        if problem:
-            return f"'validation' {problem}"
-    return None
-
-
-_PROBLEMS = (_model_problem, _input_problem, _heads_problem, _files_problem, _ood_problem,
-             _conformal_problem, _quality_problem, _provenance_problem)
+_PROBLEMS = (model_problem, input_problem, heads_problem, _files_problem, ood_problem,
+             conformal_problem, quality_problem, provenance_problem)
 
 
 def bundle_problem(bundle: Bundle) -> str | None:

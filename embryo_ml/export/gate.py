@@ -1,9 +1,9 @@
 """What export and registration do with a training run's model-quality verdict. Torch-free.
 
 Training writes the verdict to the run's `metrics.json` as `validation` (see
-`embryo_ml.export.bundle.validation_problem` for the record's shape); runs trained before the gate
-have none. The policy, in one place so `export`, `train --register` and the MLflow registration
-cannot drift apart:
+`embryo_ml.export.bundle_checks.validation_problem` for the record's shape); runs trained before
+the gate have none. The policy, in one place so `export`, `train --register` and the MLflow
+registration cannot drift apart:
 
 - `passed`: exported and registrable, no warning.
 - `inconclusive`: exported and registrable, with a one-line warning.
@@ -23,10 +23,11 @@ from typing import Any
 
 from embryo_ml.errors import DataError, ValidationFailedError
 from embryo_ml.evaluation.gate import FAILED, INCONCLUSIVE
-from embryo_ml.export.bundle import reason_text, validation_problem
+from embryo_ml.export.bundle import reason_text
+from embryo_ml.export.bundle_checks import validation_problem
+from embryo_ml.train.run_folder import METRICS_FILE
 
 ALLOW_FAILED_FLAG = "--allow-failed-validation"
-METRICS_FILE = "metrics.json"
 
 
 def run_validation(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

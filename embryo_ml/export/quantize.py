@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from embryo_ml.data.heads import blockwise_softmax
 from embryo_ml.data.preprocess import preprocess, read_for_model
 from embryo_ml.errors import ImageReadError
+from embryo_ml.train.run_folder import VAL_PREDICTIONS_FILE, listed_images
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,7 @@ BATCH = 16
 
 def validation_images(run_dir: Path) -> list[str]:
     """Paths of the run's validation images (val_predictions.csv), [] when there is none."""
-    table_path = run_dir / "val_predictions.csv"
-    if not table_path.is_file():
-        return []
-    table = pd.read_csv(table_path, usecols=["path"], dtype="string", keep_default_na=False)
-    return [p for p in table["path"].tolist() if p]
+    return listed_images(run_dir, VAL_PREDICTIONS_FILE)
 
 
 def load_tensors(paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float],
@@ -150,7 +146,7 @@ def build_int8(
     if len(parity) < MIN_IMAGES:
         log.warning("no int8 model: %d readable validation image(s) found via %s (need %d to "
                     "calibrate and check it); the bundle scores with the fp32 model",
-                    len(parity), run_dir / "val_predictions.csv", MIN_IMAGES)
+                    len(parity), run_dir / VAL_PREDICTIONS_FILE, MIN_IMAGES)
         return None
     step = max(1, len(parity) // CALIBRATION_IMAGES)
     calibration = parity[::step][:CALIBRATION_IMAGES]

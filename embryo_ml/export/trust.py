@@ -39,21 +39,22 @@ from embryo_ml.evaluation.ood import (
 from embryo_ml.export.bundle import file_sha256
 from embryo_ml.export.quantize import cpu_session, validation_images
 from embryo_ml.fileio import atomic_open
+from embryo_ml.train.run_folder import (
+    METRICS_FILE,
+    TRAIN_IMAGES_FILE,
+    VAL_PREDICTIONS_FILE,
+    listed_images,
+)
 
 log = logging.getLogger(__name__)
 
-TRAIN_IMAGES_FILE = "train_images.csv"  # written by embryo_ml.train.fit (TRAIN_IMAGES_NAME)
 MIN_CALIBRATION = 20  # fewer readable validation images: no reference (the limit means nothing)
 BATCH = 32
 
 
 def training_images(run_dir: Path) -> list[str]:
     """Paths of the run's training images, [] for a run from before train_images.csv."""
-    table_path = run_dir / TRAIN_IMAGES_FILE
-    if not table_path.is_file():
-        return []
-    table = pd.read_csv(table_path, usecols=["path"], dtype="string", keep_default_na=False)
-    return [p for p in table["path"].tolist() if p]
+    return listed_images(run_dir, TRAIN_IMAGES_FILE)
 
 
 def _spread(paths: Sequence[str], limit: int, seed: int) -> list[str]:
@@ -151,7 +152,7 @@ def build_reference(
 def _is_refit(run_dir: Path) -> bool:
     """Whether best.pt was refit on train + validation (`metrics.json` has "refit")."""
     try:
-        return bool(json.loads((run_dir / "metrics.json").read_text()).get("refit"))
+        return bool(json.loads((run_dir / METRICS_FILE).read_text()).get("refit"))
     except (OSError, ValueError):
         return False
 
@@ -159,10 +160,11 @@ def _is_refit(run_dir: Path) -> bool:
 def conformal_record(run_dir: Path, classes: Sequence[str], alpha: float) -> dict[str, Any] | None:
     """The bundle's `conformal` record from the run's validation predictions, or None (logged)
     when there are none or they lack a class's probability column."""
-    table_path = run_dir / "val_predictions.csv"
+    table_path = run_dir / VAL_PREDICTIONS_FILE
     columns = [f"p_{c}" for c in classes]
     if not table_path.is_file():
-        log.warning("no conformal 'uncertain' flag: %s has no val_predictions.csv", run_dir)
+        log.warning("no conformal 'uncertain' flag: %s has no %s", run_dir,
+                    VAL_PREDICTIONS_FILE)
         return None
     table = pd.read_csv(table_path, dtype={"label": "string"}, keep_default_na=False)
     if "label" not in table.columns or not set(columns) <= set(table.columns):

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from embryo_ml.data.quality import FLAG_NAMES
+from embryo_ml.numeric import finite_float
 
 AGGREGATES = ("mean", "max")
 EMBRYO_COLUMNS = ["patient_id", "embryo_id", "embryo_score", "display_score", "label_pred",
@@ -41,16 +42,6 @@ def display_score(probability: float) -> int:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
-
-
-def _number(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _join_flags(flags: set[str]) -> str:
@@ -111,7 +102,7 @@ class Cohorts:
             embryo = self._embryos[key] = _Embryo(len(self._embryos), n)
         embryo.n_images += 1
         embryo.flags.update(f for f in _text(row.get("flags")).split(";") if f)
-        score = _number(row.get("score"))
+        score = finite_float(row.get("score"))
         if _text(row.get("status")) != "ok" or score is None:
             return
         embryo.n_scored += 1
@@ -119,7 +110,7 @@ class Cohorts:
         embryo.best = max(embryo.best, score)
         if self._multiclass:
             for i, c in enumerate(self.classes):
-                p = _number(row.get(f"p_{c}")) or 0.0
+                p = finite_float(row.get(f"p_{c}")) or 0.0
                 embryo.class_total[i] += p
                 embryo.class_best[i] = max(embryo.class_best[i], p)
 

@@ -60,7 +60,7 @@ from embryo_ml.errors import BundleError, ConfigError
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.fileio import atomic_write_bytes
 from embryo_ml.numeric import softmax
-from embryo_ml.score.scorer import OnnxScorer
+from embryo_ml.score.session import OnnxScorer
 
 MIN_CELLS = 8  # refine until the map has at least this many cells a side
 FACTORS = (1, 2, 4, 8)

@@ -3,8 +3,8 @@
 The model is logged *from code* (`pyfunc_model.py`, which only calls `mlflow.models.set_model`):
 no pickled Python object goes into the model, only the bundle folder as an artifact. Loading the
 model reads that bundle with `read_bundle` (SHA-256 verified) and builds the same `OnnxScorer`
-that `embryo-ml score` uses; rows are decoded and scored by the scorer's own `load_item` and
-`batch_rows`, so the MLflow model and the command line give the same numbers.
+that `embryo-ml score` uses; rows are decoded under the served-input rules and scored by the
+scorer's own `score_batch`, so the MLflow model and the command line give the same numbers.
 
 Input: a DataFrame with a `path` column (image files readable where the model runs) and/or an
 `image_base64` column (an encoded image file, base64; a `data:image/...;base64,` prefix is
@@ -44,7 +44,9 @@ from mlflow.types import ColSpec, Schema
 from embryo_ml.errors import DataError, TrackingError
 from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.export.gate import check_registrable
-from embryo_ml.score.scorer import Loaded, OnnxScorer, batch_rows
+from embryo_ml.numeric import finite_float
+from embryo_ml.score.batch import LoadedImage, score_batch
+from embryo_ml.score.session import OnnxScorer
 from embryo_ml.serving.served_input import ALLOWED_ROOTS_KEY, LIMITS, ServedInput, ServedRequest
 from embryo_ml.serving.served_input import decode_base64 as decode_base64  # (was defined here)
 
@@ -70,18 +72,14 @@ def _is_numeric_column(name: str) -> bool:
     return name == "score" or name.endswith("_score") or name.startswith("p_")
 
 
-def _number(text: object) -> int | float | None:
-    """A scorer cell ("0.513914", "5", "") as a JSON-safe number; None when empty or not finite."""
-    text = _cell(text)
+def _number(value: object) -> int | float | None:
+    """A scorer cell ("0.513914", "5", "") as a JSON-safe number: whole-number text stays an
+    int; None when empty or not finite."""
+    text = _cell(value)
     try:
         return int(text)
     except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return number if np.isfinite(number) else None
+        return finite_float(text)
 
 
 def _cell(value: Any) -> str:
@@ -111,13 +109,13 @@ def predict_frame(scorer: OnnxScorer, frame: pd.DataFrame, batch_size: int = 32,
     todo = list(zip(frame.get("path", missing), frame.get("image_base64", missing)))
     request = ServedRequest(scorer, served)
 
-    def load(row: tuple[Any, Any]) -> Loaded:
+    def load(row: tuple[Any, Any]) -> LoadedImage:
         return request.load(_cell(row[0]), _cell(row[1]))
 
     rows: list[dict] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for start in range(0, len(todo), batch_size):
-            rows.extend(batch_rows(scorer, list(pool.map(load, todo[start:start + batch_size]))))
+            rows.extend(score_batch(scorer, list(pool.map(load, todo[start:start + batch_size]))))
     return _output_frame(rows, ids, frame.index, scorer.bundle)
 
 

@@ -41,7 +41,9 @@ import numpy as np
 
 from embryo_ml.data.preprocess import read_for_model
 from embryo_ml.errors import ConfigError, DataError, ImageReadError
-from embryo_ml.score.scorer import Loaded, OnnxScorer, ScoreItem, load_item
+from embryo_ml.score.batch import LoadedImage, load_item
+from embryo_ml.score.items import ScoreItem
+from embryo_ml.score.session import OnnxScorer
 
 ALLOWED_ROOTS_ENV = "EMBRYO_ML_ALLOWED_ROOTS"
 ALLOWED_ROOTS_KEY = "allowed_roots"
@@ -189,24 +191,26 @@ class ServedRequest:
         self.decoded_pixels = 0
         self._lock = threading.Lock()
 
-    def load(self, path: str, encoded: str) -> Loaded:
+    def load(self, path: str, encoded: str) -> LoadedImage:
         """One row: `encoded` (base64) when given, else `path`; a status for a bad row."""
         item = ScoreItem(path=path, file="")
         if not encoded and not path:
-            return item, None, "no input: give a path or image_base64", []
+            return LoadedImage.failed(item, "no input: give a path or image_base64")
         limit = self.served.max_image_bytes
         try:
             data = (decode_base64(encoded, limit) if encoded
                     else read_allowed(path, self.served.roots, limit))
         except ImageReadError as error:
-            return item, None, f"unreadable: {error.reason}", []
+            return LoadedImage.failed(item, f"unreadable: {error.reason}")
         except ValueError as error:
-            return item, None, f"unreadable: {error}", []
+            return LoadedImage.failed(item, f"unreadable: {error}")
         if len(data) > limit:
-            return item, None, f"unreadable: {_too_large(path, len(data), limit).reason}", []
-        return load_item(self, ScoreItem(path=path, file="", data=data))  # type: ignore[arg-type]
+            reason = _too_large(path, len(data), limit).reason
+            return LoadedImage.failed(item, f"unreadable: {reason}")
+        return load_item(self, ScoreItem(path=path, file="", data=data))
 
-    # What `load_item` uses of a scorer: read (here under the request's limits), prepare, flags.
+    # The `ImageReader` that `load_item` uses: read (here under the request's limits), prepare
+    # and flags as the scorer does.
     def read(self, item: ScoreItem) -> np.ndarray:
         budget = self.served.max_request_pixels
         with self._lock:

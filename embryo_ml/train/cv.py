@@ -42,7 +42,17 @@ from embryo_ml.evaluation.plots import reliability_figure
 from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
 from embryo_ml.evaluation.shortcut import baseline_scores
 from embryo_ml.fileio import atomic_write_text
-from embryo_ml.train.fit import evaluation_frame, fit
+from embryo_ml.train.fit import fit
+from embryo_ml.train.run_data import evaluation_frame
+from embryo_ml.train.run_folder import (
+    CONFIG_FILE,
+    CV_SUBGROUPS_FILE,
+    CV_SUMMARY_FILE,
+    CV_SUMMARY_JSON_FILE,
+    OOF_PREDICTIONS_FILE,
+    VAL_PREDICTIONS_FILE,
+    fold_folder,
+)
 from embryo_ml.train.tracking import RunTracker
 
 SUMMARY_METRICS = ("auc", "pr_auc", "balanced_accuracy", "sensitivity", "specificity")
@@ -163,82 +173,124 @@ def cross_validate(
     patient resamples for every interval (default `eval.n_boot`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = load_table(data)
-    labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
-    table = table.assign(label=labelled.labels)
-    _, groups = group_keys(table)
+    table, classes = _labelled_table(cfg, data)
+    _, groups = group_keys(table)  # the patients a bootstrap resamples
     fold_splits = fold_indices(table, folds, cfg.seed, splits_file)
     n_boot = cfg.eval.n_boot if n_boot is None else n_boot
     metrics = SUMMARY_METRICS + tuple(
-        f"{name}_accuracy" for name in head_layout(cfg.labels.task, len(labelled.classes)))
-    save_config(cfg, out_dir / "config.yaml")
-    per_fold: list[dict[str, Any]] = []
-    oof_parts = []
+        f"{name}_accuracy" for name in head_layout(cfg.labels.task, len(classes)))
+    save_config(cfg, out_dir / CONFIG_FILE)
     with RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
                     run_name=f"cv-{out_dir.name}") as parent:
         parent.log_params({**cfg.flat(), "cv.folds": len(fold_splits)})
-        for k, split in enumerate(fold_splits):
-            if progress:
-                print(f"fold {k + 1}/{len(fold_splits)}: {len(split[0])} train / "
-                      f"{len(split[1])} validation images", flush=True)
-            result = fit(cfg, data, out_dir / f"fold{k}", progress=progress, split=split,
-                         nested=True)
-            per_fold.append({"fold": k, "run_id": result.run_id,
-                             **{m: result.metrics[f"val_{m}"] for m in metrics},
-                             "headline": {k: v for k, v in result.metrics.items()
-                                          if isinstance(v, int | float)}})
-            part = pd.read_csv(out_dir / f"fold{k}" / "val_predictions.csv")
-            part.insert(0, "fold", k)
-            oof_parts.append(part)
-        oof = pd.concat(oof_parts, ignore_index=True)
-        group_of = dict(zip(table["path"], groups))
-        oof["group"] = [group_of[p] for p in oof["path"]]
-        atomic_write_text(out_dir / "oof_predictions.csv",
+        per_fold, oof = _run_folds(cfg, data, out_dir, fold_splits, metrics, progress)
+        oof["group"] = _groups_of(oof, table, groups)
+        atomic_write_text(out_dir / OOF_PREDICTIONS_FILE,
                           oof.drop(columns="group").to_csv(index=False))
         evaluation, frame = _pooled_evaluation(cfg, table, oof, fold_splits, n_boot)
-        headline = list(evaluation.headline())
-        for entry in per_fold:
-            numbers = entry.pop("headline")
-            entry.update({m: numbers.get(f"val_{m}", math.nan) for m in headline})
-        folds_table = pd.DataFrame(per_fold)
-        rows = []
-        for metric in (*SUMMARY_METRICS, *headline, *metrics[len(SUMMARY_METRICS):]):
-            values = folds_table[metric].to_numpy(dtype=float)
-            if metric in headline:
-                low, high = _pooled_interval(evaluation, metric)
-            else:
-                low, high = bootstrap_ci(oof, cfg.data.positive_class, metric, n_boot, cfg.seed)
-            finite = values[np.isfinite(values)]
-            rows.append({"metric": metric,
-                         "mean": float(finite.mean()) if len(finite) else math.nan,
-                         "std": float(finite.std(ddof=1)) if len(finite) > 1 else math.nan,
-                         "ci_low": low, "ci_high": high,
-                         **{f"fold{k}": v for k, v in enumerate(values)}})
+        rows = _summary_rows(cfg, per_fold, oof, evaluation, metrics, n_boot)
         summary = pd.DataFrame(rows)
-        atomic_write_text(out_dir / "cv_summary.csv", summary.to_csv(index=False))
-        atomic_write_text(out_dir / "cv_subgroups.csv", evaluation.table().to_csv(index=False))
-        atomic_write_text(out_dir / "cv_summary.json", json.dumps(
-            {"parent_run_id": parent.run_id, "folds": per_fold,
-             "summary": summary.to_dict(orient="records"),
-             "evaluation": evaluation.to_json()}, indent=2, default=float))
-        parent.log_metrics({f"cv_{r['metric']}_{stat}": r[stat] for r in rows
-                            for stat in ("mean", "std", "ci_low", "ci_high")})
-        parent.log_metrics({f"cv_eval.{k}": v for k, v in evaluation.flat_metrics().items()})
-        if evaluation.warnings:
-            parent.set_tags({"eval.shortcut_warning": ",".join(
-                s.column for s in evaluation.shortcuts if s.warning)})
-        negative = next((c for c in labelled.classes if c != cfg.data.positive_class), "other")
-        for name, figure in evaluation_figures(frame, evaluation, negative).items():
-            parent.log_figure(figure, f"plots/{name}")
-        parent.log_figure(reliability_figure(frame["y"].to_numpy(), None,
-                                             frame["score"].to_numpy()),
-                          "plots/reliability_diagram.png")
-        # oof_predictions.csv stays in the local folder: its paths can carry patient ids
-        # (file names like P0001-E01), which must not reach MLflow (privacy rule).
-        for name in ("cv_summary.csv", "cv_summary.json", "cv_subgroups.csv"):
-            parent.log_artifact(out_dir / name)
+        _write_summary(out_dir, parent.run_id, per_fold, summary, evaluation)
+        negative = next((c for c in classes if c != cfg.data.positive_class), "other")
+        _log_summary(parent, rows, evaluation, frame, negative, out_dir)
         return CVResult(parent.run_id or "", out_dir, summary, oof.drop(columns="group"),
                         evaluation)
+
+
+def _labelled_table(cfg: Config, data: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The data's table with the training labels under `label`, and the classes."""
+    table = load_table(data)
+    labelled = build_targets(table, cfg.labels, cfg.data.positive_class)
+    return table.assign(label=labelled.labels), labelled.classes
+
+
+def _run_folds(
+    cfg: Config, data: str | os.PathLike[str], out_dir: Path,
+    fold_splits: list[tuple[np.ndarray, np.ndarray]], metrics: tuple[str, ...], progress: bool,
+) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """One nested `fit` per fold: each fold's figures (and its numeric `headline` metrics), and
+    the validation predictions of all folds together (with a `fold` column)."""
+    per_fold: list[dict[str, Any]] = []
+    oof_parts = []
+    for k, split in enumerate(fold_splits):
+        if progress:
+            print(f"fold {k + 1}/{len(fold_splits)}: {len(split[0])} train / "
+                  f"{len(split[1])} validation images", flush=True)
+        result = fit(cfg, data, fold_folder(out_dir, k), progress=progress, split=split,
+                     nested=True)
+        per_fold.append({"fold": k, "run_id": result.run_id,
+                         **{m: result.metrics[f"val_{m}"] for m in metrics},
+                         "headline": {k: v for k, v in result.metrics.items()
+                                      if isinstance(v, int | float)}})
+        part = pd.read_csv(fold_folder(out_dir, k) / VAL_PREDICTIONS_FILE)
+        part.insert(0, "fold", k)
+        oof_parts.append(part)
+    return per_fold, pd.concat(oof_parts, ignore_index=True)
+
+
+def _groups_of(oof: pd.DataFrame, table: pd.DataFrame, groups: np.ndarray) -> list[str]:
+    """Each out-of-fold row's resampling group (its patient), from the table's `groups`."""
+    group_of = dict(zip(table["path"], groups))
+    return [group_of[p] for p in oof["path"]]
+
+
+def _summary_rows(
+    cfg: Config, per_fold: list[dict[str, Any]], oof: pd.DataFrame, evaluation: Evaluation,
+    metrics: tuple[str, ...], n_boot: int,
+) -> list[dict[str, Any]]:
+    """The summary table's rows: per metric the mean and std over folds, the 95% interval
+    (the pooled evaluation's, or a patient bootstrap of the out-of-fold rows) and each fold's
+    value. Each `per_fold` entry's `headline` is replaced by its evaluation headline metrics."""
+    headline = list(evaluation.headline())
+    for entry in per_fold:
+        numbers = entry.pop("headline")
+        entry.update({m: numbers.get(f"val_{m}", math.nan) for m in headline})
+    folds_table = pd.DataFrame(per_fold)
+    rows = []
+    for metric in (*SUMMARY_METRICS, *headline, *metrics[len(SUMMARY_METRICS):]):
+        values = folds_table[metric].to_numpy(dtype=float)
+        if metric in headline:
+            low, high = _pooled_interval(evaluation, metric)
+        else:
+            low, high = bootstrap_ci(oof, cfg.data.positive_class, metric, n_boot, cfg.seed)
+        finite = values[np.isfinite(values)]
+        rows.append({"metric": metric,
+                     "mean": float(finite.mean()) if len(finite) else math.nan,
+                     "std": float(finite.std(ddof=1)) if len(finite) > 1 else math.nan,
+                     "ci_low": low, "ci_high": high,
+                     **{f"fold{k}": v for k, v in enumerate(values)}})
+    return rows
+
+
+def _write_summary(out_dir: Path, parent_run_id: str | None, per_fold: list[dict[str, Any]],
+                   summary: pd.DataFrame, evaluation: Evaluation) -> None:
+    """cv_summary.csv, cv_subgroups.csv and cv_summary.json."""
+    atomic_write_text(out_dir / CV_SUMMARY_FILE, summary.to_csv(index=False))
+    atomic_write_text(out_dir / CV_SUBGROUPS_FILE, evaluation.table().to_csv(index=False))
+    atomic_write_text(out_dir / CV_SUMMARY_JSON_FILE, json.dumps(
+        {"parent_run_id": parent_run_id, "folds": per_fold,
+         "summary": summary.to_dict(orient="records"),
+         "evaluation": evaluation.to_json()}, indent=2, default=float))
+
+
+def _log_summary(parent: RunTracker, rows: list[dict[str, Any]], evaluation: Evaluation,
+                 frame: pd.DataFrame, negative: str, out_dir: Path) -> None:
+    """The summary's metrics, tags, figures and files to the parent MLflow run."""
+    parent.log_metrics({f"cv_{r['metric']}_{stat}": r[stat] for r in rows
+                        for stat in ("mean", "std", "ci_low", "ci_high")})
+    parent.log_metrics({f"cv_eval.{k}": v for k, v in evaluation.flat_metrics().items()})
+    if evaluation.warnings:
+        parent.set_tags({"eval.shortcut_warning": ",".join(
+            s.column for s in evaluation.shortcuts if s.warning)})
+    for name, figure in evaluation_figures(frame, evaluation, negative).items():
+        parent.log_figure(figure, f"plots/{name}")
+    parent.log_figure(reliability_figure(frame["y"].to_numpy(), None,
+                                         frame["score"].to_numpy()),
+                      "plots/reliability_diagram.png")
+    # oof_predictions.csv stays in the local folder: its paths can carry patient ids
+    # (file names like P0001-E01), which must not reach MLflow (privacy rule).
+    for name in (CV_SUMMARY_FILE, CV_SUMMARY_JSON_FILE, CV_SUBGROUPS_FILE):
+        parent.log_artifact(out_dir / name)
 
 
 def format_summary(summary: pd.DataFrame, evaluation: Evaluation | None = None) -> str:

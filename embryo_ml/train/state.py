@@ -1,42 +1,20 @@
-"""Checkpoint files of a run and the full training state that `--resume` continues from.
+"""The random-number state that `last.pt` keeps, so that `--resume` continues a run exactly.
 
-`best.pt` holds what export needs (weights, classes, input size, normalisation, config).
-`last.pt` holds everything to continue an interrupted run exactly: model, EMA, optimizer and
-scheduler state, the epoch, the history so far, and every random-number stream (torch, numpy,
-python, the DataLoader's shuffling generator and each augmentation's generators). Both are
-written to a temporary name, fsync'ed and renamed (`embryo_ml.fileio`), and both load with
-`weights_only=True`: only tensors and plain Python values, never arbitrary pickled objects.
+`last.pt` (written and read by `embryo_ml.train.run_folder`) holds everything to continue an
+interrupted run: model, EMA, optimizer and scheduler state, the epoch, the history so far, and
+every random-number stream captured here (torch, numpy, python, the DataLoader's shuffling
+generator and each augmentation's generators), as plain values that load with
+`weights_only=True`.
 """
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import albumentations as A
 import numpy as np
 import torch
-
-from embryo_ml.errors import DataError
-from embryo_ml.fileio import atomic_path
-
-CHECKPOINT_NAME = "best.pt"
-LAST_NAME = "last.pt"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` through `embryo_ml.fileio.atomic_path`: temp name, fsync, rename."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `fit` (weights_only: no arbitrary code from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _transforms(compose: A.Compose) -> list[Any]:
