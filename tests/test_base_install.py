@@ -67,8 +67,8 @@ def test_base_install_scores_reports_and_explains(base_venv: Path, bundle_dir: P
                   str(bundle_dir), "--out", str(tmp_path / "report.html"), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "<html" in (tmp_path / "report.html").read_text(encoding="utf-8")[:2000].lower()
-    image = rows[1].split(",")[0]
-    explained = _run(base_venv, "explain", image, "--bundle", str(bundle_dir),
+    image = synth_data.parent / rows[1].split(",")[0]  # scores keep the manifest's paths
+    explained = _run(base_venv, "explain", str(image), "--bundle", str(bundle_dir),
                      "--out", str(tmp_path / "overlay.png"), cwd=tmp_path)
     assert explained.returncode == 0, explained.stderr
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,6 @@
-"""The package's layer order (README, "Architecture"): a module imports only from its own layer
-or the ones below it, checked on the source itself, lazy imports inside functions included."""
+"""The package's layer order (README and docs/architecture.md): a module imports only from its
+own layer or the ones below it, checked on the source itself, lazy imports inside functions
+included."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def layer_of(module: str) -> int:
             matches = module == prefix or module.startswith(prefix + ".")
             if matches and len(prefix) > best_length:
                 best, best_length = index, len(prefix)
-    assert best is not None, f"{module} is in no layer: add it to LAYERS and the README"
+    assert best is not None, (f"{module} is in no layer: add it to LAYERS "
+                                "(docs/architecture.md reads them)")
     return best
 
 

@@ -1,4 +1,4 @@
-"""Every user mistake ends as exactly one `error:` line on stderr and exit status 2 (README,
+"""Every user mistake ends as exactly one `error:` line on stderr and exit status 2 (docs/cli.md,
 house rule 6), checked before the work where it can be; `--debug` / EMBRYO_ML_DEBUG=1 show the
 traceback; a bug (anything but a user's problem) still shows its traceback.
 

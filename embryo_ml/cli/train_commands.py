@@ -111,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"(best epoch {metrics['best_epoch']}, {metrics['n_val']} images)")
     within = {k: v for k, v in metrics.items()
               if k.startswith("val_within_") and isinstance(v, float)}
-    if within:  # the numbers that matter for choosing among one patient's embryos (README)
+    if within:  # what matters for choosing among one patient's embryos (docs/evaluation.md)
         print("  " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
                                for k, v in within.items()))
     for warning in metrics.get("shortcut_warnings") or []:

@@ -6,7 +6,7 @@ log-likelihood); it changes how confident the model is, never its ranking, so RO
 unchanged. The temperature and the threshold go into the bundle; the torch-free scorer applies
 them.
 
-Caveat (documented in the README): the same validation patients choose the best epoch, the
+Caveat (documented in docs/training.md): the same validation patients choose the best epoch, the
 temperature and the threshold, so these validation numbers are slightly optimistic; a held-out
 test split (`embryo-ml data split`) gives the honest figure.
 """

@@ -129,7 +129,7 @@ class Evaluation:
                 if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
     def format(self) -> str:
-        """The evaluation as a person reads it (see the README's worked example)."""
+        """The evaluation as a person reads it (see the worked example in docs/evaluation.md)."""
         lines = [f"Evaluation of {self.n_images} images, positive class "
                  f"'{self.positive_class}'; 95% intervals resample {self.unit} "
                  f"({self.n_boot} times)" if self.n_boot else

@@ -14,7 +14,7 @@ how much each location added to the logit (see `embryo_ml.export.onnx_export`).
    The default is not "always the positive class": with good/poor, evidence for "good" is
    mostly the absence of what makes an embryo poor, which the empty culture medium also shows,
    so the good-class map of a poor embryo lights up the background (measured on synthetic
-   embryos: README, tests/test_explain.py).
+   embryos: docs/scoring.md, tests/test_explain.py).
 2. Evidence for the class: cam[c] minus the mean of the main classes' maps. Softmax ignores
    what all logits share, so only this difference moves the probability; with two classes it
    is half the map of the log-odds logit[c] - logit[other]. With two classes the decision also
