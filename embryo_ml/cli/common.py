@@ -23,6 +23,14 @@ def default_of(function: Callable[..., object], parameter: str) -> Any:
     return inspect.signature(function).parameters[parameter].default
 
 
+def add_library_options(parser: argparse.ArgumentParser, function: Callable[..., object],
+                        *options: tuple[str, str, Callable[[str], Any], str]) -> None:
+    """Options whose defaults are `function`'s own (`default_of`): (flag, parameter, type,
+    help) each."""
+    for flag, parameter, kind, text in options:
+        parser.add_argument(flag, type=kind, default=default_of(function, parameter), help=text)
+
+
 def warn(text: str | None) -> None:
     """One `warning:` line on stderr, the counterpart of the `error:` lines of `main`."""
     if text:

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from embryo_ml.cli.common import count, default_of, output_file
+from embryo_ml.cli.common import add_library_options, count, default_of, output_file
 
 SPLITS_FILE = Path("splits.csv")  # `data split --out`
 
@@ -43,13 +43,12 @@ def add_split(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("manifest", type=Path,
                         help="manifest CSV with labels (patient_id or embryo_id group the rows)")
-    parser.add_argument("--folds", type=int, default=default_of(make_splits, "folds"),
-                        help="cross-validation folds over the rows not in the test split")
-    parser.add_argument("--test-fraction", type=float,
-                        default=default_of(make_splits, "test_fraction"),
-                        help="share of the rows held out as the test split (whole groups)")
-    parser.add_argument("--seed", type=int, default=default_of(make_splits, "seed"),
-                        help="random seed: the same seed gives the same split")
+    add_library_options(
+        parser, make_splits,
+        ("--folds", "folds", int, "cross-validation folds over the rows not in the test split"),
+        ("--test-fraction", "test_fraction", float,
+         "share of the rows held out as the test split (whole groups)"),
+        ("--seed", "seed", int, "random seed: the same seed gives the same split"))
     parser.add_argument("--out", type=Path, default=SPLITS_FILE,
                         help="CSV to write: path, split, fold, group")
     parser.set_defaults(func=run_split)

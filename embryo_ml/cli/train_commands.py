@@ -12,7 +12,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from embryo_ml.cli.common import add_overrides, default_of, positive, warn
+from embryo_ml.cli.common import add_library_options, add_overrides, default_of, positive, warn
 from embryo_ml.errors import EmbryoMLError
 
 SYNTH_IMAGES = 1000  # `synth --n`: a data set big enough to train on
@@ -31,13 +31,11 @@ def add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path,
                         help="folder to write: images/<label>/*.png and manifest.csv")
     parser.add_argument("--n", type=positive, default=SYNTH_IMAGES, help="number of images")
-    parser.add_argument("--size", type=int, default=default_of(generate_dataset, "size"),
-                        help="image side in pixels (64-256)")
-    parser.add_argument("--seed", type=int, default=default_of(generate_dataset, "seed"),
-                        help="random seed: the same arguments write byte-identical files")
-    parser.add_argument("--focal-planes", type=positive,
-                        default=default_of(generate_dataset, "focal_planes"),
-                        help="images per embryo")
+    add_library_options(
+        parser, generate_dataset,
+        ("--size", "size", int, "image side in pixels (64-256)"),
+        ("--seed", "seed", int, "random seed: the same arguments write byte-identical files"),
+        ("--focal-planes", "focal_planes", positive, "images per embryo"))
     parser.set_defaults(func=run_synth)
 
 
@@ -219,10 +217,11 @@ def add_augment_preview(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True,
                         help="manifest CSV or folder-per-class tree to take the images from")
     parser.add_argument("--out", type=Path, default=PREVIEW_FILE, help="the PNG grid to write")
-    parser.add_argument("--count", type=positive, default=default_of(augment_preview, "n_images"),
-                        help="number of images: one row each")
-    parser.add_argument("--draws", type=positive, default=default_of(augment_preview, "n_aug"),
-                        help="training augmentations drawn per image, beside the original")
+    add_library_options(
+        parser, augment_preview,
+        ("--count", "n_images", positive, "number of images: one row each"),
+        ("--draws", "n_aug", positive, "training augmentations drawn per image, beside the "
+         "original"))
     add_overrides(parser)
     parser.set_defaults(func=run_augment_preview)
 
