@@ -88,7 +88,8 @@ def add_score(parser: argparse.ArgumentParser) -> None:
     add_threads(parser)
     parser.add_argument("--engine", choices=ENGINES, default="local",
                         help="local: score in this process; dask: on a Dask cluster, one on "
-                        "this machine (--workers) or a running one (--scheduler); needs "
+                        "this machine (--workers) or a running one (--scheduler), --threads "
+                        "per worker (not given: the worker's thread count); needs "
                         "pip install 'embryo-ml[dask]'")
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="--engine dask: the address of a running Dask scheduler, e.g. "
