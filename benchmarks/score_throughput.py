@@ -89,7 +89,7 @@ def run_eager(paths: list[str], run_dir: Path, batch_size: int, workers: int,
 
     from embryo_ml.config import ModelConfig
     from embryo_ml.train.models import build_model
-    from embryo_ml.train.run_folder import load_checkpoint
+    from embryo_ml.train.run_folder import BEST_FILE, load_checkpoint
 
     class FileDataset(Dataset):
         def __init__(self, files: list[str], transform: Any) -> None:
@@ -106,7 +106,7 @@ def run_eager(paths: list[str], run_dir: Path, batch_size: int, workers: int,
     if threads:
         torch.set_num_threads(threads)
     started, cpu = time.perf_counter(), cpu_seconds()
-    checkpoint = load_checkpoint(run_dir / "best.pt")
+    checkpoint = load_checkpoint(run_dir / BEST_FILE)
     model = build_model(ModelConfig(name=checkpoint["model_name"]),
                         num_classes=len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["state_dict"])

@@ -206,6 +206,7 @@ def run_ours(manifest: Path, args: argparse.Namespace, variant: Variant, work: P
              tag: str) -> dict[str, Any]:
     """One `fit` run; throughput from its history.csv (epoch_seconds includes validation)."""
     from embryo_ml.train.fit import fit
+    from embryo_ml.train.run_folder import HISTORY_FILE
 
     run_dir = work / "runs" / tag
     cache_dir = work / "cache" / tag if variant.cache else None
@@ -213,7 +214,7 @@ def run_ours(manifest: Path, args: argparse.Namespace, variant: Variant, work: P
     started = time.perf_counter()
     result = fit(cfg, manifest, run_dir, progress=False)
     wall = time.perf_counter() - started
-    history = pd.read_csv(run_dir / "history.csv")
+    history = pd.read_csv(run_dir / HISTORY_FILE)
     seconds = [float(s) for s in history["epoch_seconds"]]
     per_epoch = images_per_epoch(int(result.metrics["n_train"]), args.batch_size)
     ips_all, ips_warm = throughput(seconds, per_epoch)

@@ -164,11 +164,12 @@ def run_cv(args: argparse.Namespace) -> int:
     if data is None:
         raise EmbryoMLError("no data: pass --data or set data.manifest")
     from embryo_ml.train.cv import cross_validate, format_summary
+    from embryo_ml.train.run_folder import OOF_PREDICTIONS_FILE
 
     out = args.out or _timestamped("cv-")
     result = cross_validate(cfg, data, args.folds, out, args.splits, progress=not args.quiet)
     print(format_summary(result.summary, result.evaluation))
-    print(f"out-of-fold predictions: {out / 'oof_predictions.csv'}")
+    print(f"out-of-fold predictions: {out / OOF_PREDICTIONS_FILE}")
     print(f"MLflow parent run id: {result.parent_run_id}")
     return 0
 
