@@ -28,10 +28,10 @@ from distributed import WorkerPlugin  # noqa: E402
 
 import embryo_ml.score.distributed as engine  # noqa: E402
 from embryo_ml.cli import main  # noqa: E402
-from embryo_ml.data.scores_file import embryos_path, settings_path  # noqa: E402
+from embryo_ml.data.scores_file import DATASET_COMPLETE, embryos_path, settings_path  # noqa: E402
 from embryo_ml.score.cluster import WORKER_SETUP  # noqa: E402
 from embryo_ml.score.distributed import score_images_dask, whole_batches  # noqa: E402
-from embryo_ml.score.parts import SUCCESS, Staging, part_files, staging_path  # noqa: E402
+from embryo_ml.score.parts import Staging, part_files, staging_path  # noqa: E402
 from embryo_ml.score.scorer import ScoringInterrupted, score_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,8 +102,24 @@ def test_same_rows_and_files_as_the_local_engine(
     assert json.loads(settings_path(out).read_text()) == local_settings  # shift record too
     assert not staging_path(out).exists()
     if ext == ".parquet":  # a dataset folder: one part per shard, then the marker
-        assert out.is_dir() and (out / SUCCESS).is_file()
+        assert out.is_dir() and (out / DATASET_COMPLETE).is_file()
         assert len(part_files(out)) == 4
+        _report_reads_the_dataset(out, bundle_dir, tmp_path)
+
+
+def _report_reads_the_dataset(out: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    """`report` (and every reader of scores files) reads a finished dataset folder, and refuses
+    an unfinished one in one line."""
+    from embryo_ml.data.scores_file import iter_file_rows
+    from embryo_ml.errors import DataError
+    from embryo_ml.report.html import write_report
+
+    assert len(list(iter_file_rows(out))) == 120
+    report = write_report(out, bundle_dir, tmp_path / "report.html")
+    assert report.read_text(encoding="utf-8").count("P0001") > 0
+    (out / DATASET_COMPLETE).unlink()
+    with pytest.raises(DataError, match="unfinished Parquet dataset"):
+        list(iter_file_rows(out))
 
 
 def test_the_cli_runs_on_a_running_scheduler(
@@ -251,7 +267,7 @@ def test_sigterm_to_the_cli_then_resume_gives_one_row_per_image(
     final = pd.read_parquet(out)
     expected = {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")}
     assert len(final) == n and set(final["path"]) == expected  # exactly one row per image
-    assert (out / SUCCESS).is_file() and not staging_path(out).exists()
+    assert (out / DATASET_COMPLETE).is_file() and not staging_path(out).exists()
 
 
 class KillWorkerOnce(WorkerPlugin):

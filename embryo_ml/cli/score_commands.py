@@ -131,9 +131,6 @@ def _check_engine(args: argparse.Namespace) -> None:
     """Options of the other engine are a mistake, said before any work."""
     if args.engine == "local" and args.scheduler is not None:
         raise EmbryoMLError("--scheduler needs --engine dask")
-    if args.engine == "dask" and args.report is not None and args.out.suffix == ".parquet":
-        raise EmbryoMLError("--report reads a scores file, and --engine dask writes .parquet "
-                            "as a dataset folder: use --out with .csv or .jsonl for a report")
 
 
 def run_score(args: argparse.Namespace) -> int:

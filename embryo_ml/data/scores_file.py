@@ -1,28 +1,21 @@
 """Score files: written row by row as images are scored, readable after any interruption.
 
-The format follows the extension of the output path:
+Format by extension: `.csv` (a header line, one record per row); `.jsonl` (JSON Lines: one
+object per line, numbers as numbers, a missing score null); `.parquet` (typed as JSON Lines;
+pyarrow is imported only here, only for Parquet; a `.parquet` folder is a dataset, see
+`iter_file_rows`).
 
-- `.csv`: one header line, then one record per row.
-- `.jsonl` (JSON Lines): one JSON object per line; numbers are numbers, a missing score is null.
-- `.parquet`: columns typed as in JSON Lines. pyarrow is imported only here, only for Parquet.
-
-`<out>` itself is only ever replaced whole, when a run has finished: rows go to a partial file
-beside it as they are scored (`partial_path`: `scores.csv.partial.csv`, `scores.jsonl.partial
-.jsonl`, and for Parquet, which cannot be valid while half written, the JSON Lines
-`scores.parquet.partial.jsonl`), and when the run has finished they are written, with the cohort
-ranks, to a temporary name beside `<out>`, fsync'ed and renamed over it (`write_table`,
-`embryo_ml.fileio`). An earlier complete `<out>` therefore stays as it was until the new one is
-whole, whatever happens to the new run. After a finished run the partial file is deleted last;
-after an interrupted or failed one it stays, a valid file of every finished row, and is the log
-`--resume` continues.
-
-Rows are appended and flushed (and fsync'ed) batch by batch. A writer remembers the file size
-after its last complete flush; when it is closed because of an error or an interrupt it cuts the
-file back to that size, so the file never ends in half a row.
-
-A process killed outright (SIGKILL, power cut) can still leave a torn last record;
-`recover_rows` finds and drops it before a resumed run appends to the file: a CSV record or JSON
-line that does not end in a newline, has unbalanced quotes or the wrong number of fields.
+`<out>` is only ever replaced whole, when a run has finished. Rows go to a partial file beside
+it as they are scored (`partial_path`: `scores.csv.partial.csv`, and for Parquet, which cannot be
+valid half written, `scores.parquet.partial.jsonl`); at the end they are written, with the cohort
+ranks, to a temporary name, fsync'ed and renamed over `<out>` (`write_table`, `embryo_ml.fileio`),
+so an earlier complete `<out>` stays as it was until the new one is whole. The partial file is
+deleted last; after an interrupted or failed run it stays, a valid file of every finished row,
+and is the log `--resume` continues. Rows are appended, flushed and fsync'ed batch by batch; a
+writer closed by an error or an interrupt cuts the file back to its last complete flush, so it
+never ends in half a row. A process killed outright (SIGKILL, power cut) can still leave a torn
+last record; `recover_rows` drops it before a resumed run appends (a record that does not end in
+a newline, has unbalanced quotes or the wrong number of fields).
 
 Per-embryo results go beside the scores in the same format: `scores.csv` -> `scores.embryos.csv`
 (`embryos_path`).
@@ -40,12 +33,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from embryo_ml.data.torn_records import repair, whole_records_size
 from embryo_ml.errors import ConfigError, DataError
 from embryo_ml.fileio import atomic_open, atomic_path, fsync_dir
 from embryo_ml.numeric import finite_float
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_CHUNK_ROWS = 8192
+DATASET_COMPLETE = "_SUCCESS"  # a Parquet dataset folder is complete once this file exists
+DATASET_PARTS = "part-*.parquet"  # its part files (`embryo_ml.score.parts` names them)
 
 _FLOAT_COLUMNS = {"score", "embryo_score"}
 _INT_COLUMNS = {"display_score", "rank_in_cohort", "n_images", "n_scored"}
@@ -219,76 +215,24 @@ def row_writer(out: str | os.PathLike[str], columns: Sequence[str],
 # ---------------------------------------------------------------- reading back (resume) ----
 
 
-def _scan_csv(path: Path, columns: Sequence[str]) -> int:
-    """Byte size of the whole records at the start of a CSV (header included; 0 if the header
-    is torn). Raises `DataError` for a header of other columns or a bad record before the end."""
-    good, header, pending, bad = 0, None, b"", None
-    with open(path, "rb") as handle:
-        for line in handle:
-            pending += line
-            if pending.count(b'"') % 2 or not pending.endswith(b"\n"):
-                continue  # a quoted newline inside the record, or a torn end
-            try:
-                records = list(csv.reader(io.StringIO(pending.decode("utf-8"), newline="")))
-            except (UnicodeDecodeError, csv.Error):
-                records = []
-            fields = records[0] if len(records) == 1 else None
-            if header is None:
-                if fields != list(columns):
-                    raise DataError(
-                        f"{path}: cannot resume: its columns {fields} differ from this bundle's "
-                        f"{list(columns)}; score into a new file or drop --resume")
-                header = fields
-            elif fields is None or len(fields) != len(columns):
-                bad = good if bad is None else bad  # only acceptable as the last record
-                pending = b""
-                continue
-            if bad is not None:
-                raise DataError(f"{path}: malformed record at byte {bad}; cannot resume safely")
-            good += len(pending)
-            pending = b""
-    return good
-
-
-def _scan_jsonl(path: Path, columns: Sequence[str]) -> int:
-    """Byte size of the whole lines at the start of a JSON Lines file (see `_scan_csv`)."""
-    good, bad = 0, None
-    with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line) if line.endswith(b"\n") else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                row = None
-            if not isinstance(row, dict):
-                bad = good if bad is None else bad
-                continue
-            if bad is not None:
-                raise DataError(f"{path}: malformed line at byte {bad}; cannot resume safely")
-            if set(row) != set(columns):
-                raise DataError(
-                    f"{path}: cannot resume: its columns {sorted(row)} differ from this "
-                    f"bundle's {sorted(columns)}; score into a new file or drop --resume")
-            good += len(line)
-    return good
-
-
-def repair(path: str | os.PathLike[str], columns: Sequence[str]) -> bool:
-    """Cut a torn last record off a CSV or JSON Lines file; True if something was cut."""
-    path = Path(path)
-    scan = _scan_jsonl if path.suffix.lower() == ".jsonl" else _scan_csv
-    size = path.stat().st_size
-    good = scan(path, columns)
-    if good != size:
-        os.truncate(path, good)
-    return good != size
+def scores_exist(path: Path) -> bool:
+    """A scores file, or a Parquet dataset folder of one (`score --engine dask`)."""
+    return path.is_file() or (path.is_dir() and path.suffix.lower() == ".parquet")
 
 
 def iter_file_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Rows of a (repaired) CSV, JSON Lines or Parquet file, streamed. A file that is not what
-    its extension says (not UTF-8, a line that is not a JSON object, not Parquet) raises
-    `DataError` naming the file (and the line)."""
+    """Rows of a (repaired) CSV, JSON Lines or Parquet file, streamed; a `.parquet` folder is a
+    Parquet dataset (`score --engine dask`): its part files in name order, once it is complete.
+    A file that is not what its extension says (not UTF-8, a line that is not a JSON object,
+    not Parquet) raises `DataError` naming the file (and the line)."""
     path = Path(path)
     fmt = "jsonl" if path.name.endswith(".jsonl") else output_format(path)
+    if fmt == "parquet" and path.is_dir():
+        return _dataset_rows(path)
+    return _file_rows(path, fmt)
+
+
+def _file_rows(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
     try:
         if fmt == "csv":
             with open(path, newline="", encoding="utf-8") as handle:
@@ -309,6 +253,14 @@ def iter_file_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
             raise  # the file system's own message, with the file name (`cli.main`)
         reason = " ".join(str(error).split()) or error.__class__.__name__
         raise DataError(f"{path}: not a readable {fmt} file ({reason})") from None
+
+
+def _dataset_rows(folder: Path) -> Iterator[dict[str, Any]]:
+    if not (folder / DATASET_COMPLETE).is_file():
+        raise DataError(f"{folder}: an unfinished Parquet dataset (no {DATASET_COMPLETE}); "
+                        "finish it with `embryo-ml score ... --engine dask --resume`")
+    for part in sorted(folder.glob(DATASET_PARTS)):
+        yield from _file_rows(part, "parquet")
 
 
 def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -347,7 +299,7 @@ def _seed_log(out: Path, log: Path, columns: Sequence[str]) -> None:
     if output_format(out) == "parquet":
         write_table(log, columns, iter_file_rows(out))
         return
-    good = (_scan_jsonl if output_format(out) == "jsonl" else _scan_csv)(out, columns)
+    good = whole_records_size(out, columns, jsonl=output_format(out) == "jsonl")
     with open(out, "rb") as source, atomic_open(log, "wb") as target:
         shutil.copyfileobj(source, target)
         target.truncate(good)

@@ -47,10 +47,10 @@ class EvaluateResult:
 
 def read_scores(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A scores file from `embryo-ml score` (.csv, .jsonl or .parquet) as a table."""
-    from embryo_ml.data.scores_file import FORMATS, iter_file_rows
+    from embryo_ml.data.scores_file import FORMATS, iter_file_rows, scores_exist
 
     path = Path(path)
-    if not path.is_file():
+    if not scores_exist(path):
         raise DataError(f"scores file not found: {path}")
     if path.suffix.lower() not in FORMATS:
         raise DataError(f"{path}: expected a scores file ending in .csv, .jsonl or .parquet")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embryo_ml.data.scores_file import embryos_path, iter_file_rows, output_format
+from embryo_ml.data.scores_file import embryos_path, iter_file_rows, output_format, scores_exist
 from embryo_ml.errors import DataError
 from embryo_ml.export.bundle import Bundle
 from embryo_ml.numeric import finite_float
@@ -102,7 +102,7 @@ def _report_row(raw: dict[str, Any], heads: list[str]) -> ReportRow:
 
 def read_rows(scores: Path, bundle: Bundle) -> tuple[list[ReportRow], list[str]]:
     """The scores file's rows and its head columns (`*_pred` other than `label_pred`)."""
-    if not scores.is_file():
+    if not scores_exist(scores):
         raise DataError(f"scores file not found: {scores}")
     output_format(scores)  # .csv, .jsonl or .parquet, else a clear error
     rows: list[ReportRow] = []

@@ -55,7 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from embryo_ml.data.images import DEFAULT_MAX_PIXELS
-from embryo_ml.data.scores_file import partial_path, recover_rows, settings_path
+from embryo_ml.data.scores_file import (
+    DATASET_COMPLETE,
+    iter_file_rows,
+    partial_path,
+    recover_rows,
+    settings_path,
+)
 from embryo_ml.errors import ConfigError, EmbryoMLError
 from embryo_ml.export.bundle import Bundle, identity, read_bundle, validation_warning
 from embryo_ml.score.batch import score_columns
@@ -64,9 +70,7 @@ from embryo_ml.score.cohort import Cohorts
 from embryo_ml.score.items import ScoreItem, iter_items
 from embryo_ml.score.outputs import check_resumable, run_settings
 from embryo_ml.score.parts import (
-    SUCCESS,
     Staging,
-    dataset_rows,
     output_rows,
     parts_rows,
     write_output,
@@ -153,8 +157,8 @@ class _DaskRun:
         partial file), its settings checked first."""
         out, staging = self.out, self.staging
         if out.is_dir():  # a finished Parquet dataset of this engine
-            finished = (out / SUCCESS).is_file()
-            staging.seed(dataset_rows(out) if finished else (), self.columns,
+            finished = (out / DATASET_COMPLETE).is_file()
+            staging.seed(iter_file_rows(out) if finished else (), self.columns,
                          settings_path(out))
             try:
                 check_resumable(staging.index, self.settings)

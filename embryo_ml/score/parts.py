@@ -45,7 +45,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from embryo_ml.data.scores_file import iter_file_rows, output_format, settings_path, write_table
+from embryo_ml.data.scores_file import (
+    DATASET_COMPLETE,
+    iter_file_rows,
+    output_format,
+    settings_path,
+    write_table,
+)
 from embryo_ml.errors import DataError
 from embryo_ml.fileio import (
     aside_path,
@@ -55,7 +61,6 @@ from embryo_ml.fileio import (
     replace_folder,
 )
 
-SUCCESS = "_SUCCESS"
 INDEX = "parts.jsonl"
 FAILED_LIST = "failed.txt"
 _PART = re.compile(r"part-(\d{4,})-(\d{6,})\.(csv|jsonl|parquet)")
@@ -87,11 +92,6 @@ def parts_rows(parts: Iterable[Path]) -> Iterator[Row]:
     """Every row of the parts, in order, streamed."""
     for part in parts:
         yield from iter_file_rows(part)
-
-
-def dataset_rows(folder: Path) -> Iterator[Row]:
-    """The rows of a finished Parquet dataset folder (its part files, in order)."""
-    return parts_rows(part_files(folder))
 
 
 class Staging:
@@ -186,7 +186,7 @@ def write_output(out: Path, columns: list[str], parts: list[Path],
     try:
         for part in parts:
             write_table(new / part.name, columns, map(rank, iter_file_rows(part)))
-        atomic_write_text(new / SUCCESS, "")
+        atomic_write_text(new / DATASET_COMPLETE, "")
         _install_folder(new, out)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -195,7 +195,7 @@ def write_output(out: Path, columns: list[str], parts: list[Path],
 
 def output_rows(out: Path) -> Iterator[Row]:
     """The rows of a finished output: a scores file, or a Parquet dataset folder."""
-    return dataset_rows(out) if out.is_dir() else iter_file_rows(out)
+    return iter_file_rows(out)  # a Parquet dataset folder too
 
 
 def _install_folder(new: Path, out: Path) -> None:
