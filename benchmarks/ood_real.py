@@ -37,7 +37,7 @@ from recipe_real import folds_of, stage_grade_manifest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("EMBRYO_ML_SHARED_DATA", REPO.parent / "shared" / "data"))
 REAL = {"stage-grade": SHARED / "stage-grade" / "data", "stork": SHARED / "stork" / "images",
         "timelapse": SHARED / "timelapse" / "sample_data"}
 

@@ -46,7 +46,8 @@ from bench_common import plain_training
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "stage-grade" / "data"
+SHARED = Path(os.environ.get("EMBRYO_ML_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = SHARED / "stage-grade" / "data"
 STAGE_DAY = {"8C": 3, "Mo": 4, "BL": 5}
 # default.yaml's augmentation before it became geometric only
 PHOTOMETRIC = ["augment.brightness=0.15", "augment.contrast=0.15", "augment.gamma=0.15",

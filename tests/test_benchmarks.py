@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHARED_DATA
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -112,8 +114,8 @@ def test_variant_names_round_trip(bench):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "data" / "stage-grade").is_dir(),
-                    reason="../shared/data/stage-grade absent")
+@pytest.mark.skipif(not (SHARED_DATA / "stage-grade").is_dir(),
+                    reason=f"{SHARED_DATA / 'stage-grade'} absent (set EMBRYO_ML_SHARED_DATA)")
 def test_recipe_real_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """Two folds of the real stage-grade images, one epoch, tiny model: every image is scored
     once per recipe, out of fold, and the JSON has finite AUCs with intervals."""
