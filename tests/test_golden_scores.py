@@ -4,33 +4,23 @@ by `make_golden.py` when a change is meant to alter scores)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.data.golden.make_golden import N_IMAGES, RUN_FILES, SEED, SIZE
+from tests.data.golden.make_golden import prepare_run, relative_scores
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
 
 @pytest.fixture(scope="module")
 def golden_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from embryo_ml.data.synthetic import generate_dataset
     from embryo_ml.export.onnx_export import export_bundle
 
     root = tmp_path_factory.mktemp("golden")
-    manifest = generate_dataset(root / "data", n=N_IMAGES, size=SIZE, seed=SEED)
-    run = root / "run"
-    run.mkdir()
-    for name in RUN_FILES:
-        shutil.copy2(GOLDEN / "run" / name, run / name)
-    for name in ("val_predictions.csv", "train_images.csv"):  # stored relative to the data
-        table = pd.read_csv(run / name)
-        table["path"] = [str(root / "data" / p) for p in table["path"]]
-        table.to_csv(run / name, index=False)
+    manifest, run = prepare_run(root)
     export_bundle(run, root / "bundle")
     return manifest, root / "bundle"
 
@@ -43,9 +33,7 @@ def test_scores_equal_the_pre_refactor_ones(golden_bundle: tuple[Path, Path], tm
     manifest, bundle = golden_bundle
     out = tmp_path / "scores.jsonl"
     score_images(manifest, bundle, out, precision=precision, progress=False)
-    now = pd.read_json(out, lines=True, dtype=False)
-    prefix = str(manifest.parent.resolve()) + "/"
-    now["path"] = now["path"].str.replace(prefix, "", regex=False)
+    now = relative_scores(out, manifest)
     then = pd.read_json(GOLDEN / f"scores.{precision}.jsonl", lines=True, dtype=False)
     now, then = now.sort_values("path").reset_index(drop=True), then.sort_values("path")
     then = then.reset_index(drop=True)

@@ -21,8 +21,7 @@ from embryo_ml.train.run_folder import (
     save_best,
     save_checkpoint,
 )
-
-GOLDEN_BEST = Path(__file__).parent / "data" / "golden" / "run" / BEST_FILE
+from tests.data.golden.make_golden import write_best_pt
 
 
 def _best(**extra: object) -> BestCheckpoint:
@@ -65,14 +64,17 @@ def test_an_unknown_version_is_refused_in_one_line(tmp_path: Path, version: obje
 
 
 def test_a_checkpoint_without_a_version_is_read_as_version_1(tmp_path: Path) -> None:
-    """The pre-versioning layout (tests/data/golden/run/best.pt) is version 1's."""
-    stored = torch.load(GOLDEN_BEST, weights_only=True)
+    """The pre-versioning layout (the golden run's best.pt, `make_golden.write_best_pt`) is
+    version 1's."""
+    (tmp_path / "golden").mkdir()
+    golden_best = write_best_pt(tmp_path / "golden")
+    stored = torch.load(golden_best, weights_only=True)
     assert FORMAT_KEY not in stored
-    legacy = load_best(GOLDEN_BEST)
+    legacy = load_best(golden_best)
     assert legacy.format_version == 1 and legacy.extra == {}
     assert legacy.classes == stored["classes"] and legacy.epoch == stored["epoch"]
     copy = tmp_path / BEST_FILE
-    shutil.copy2(GOLDEN_BEST, copy)
+    shutil.copy2(golden_best, copy)
     save_best(load_best(copy), copy)  # rewritten: the same checkpoint, now with its version
     rewritten = torch.load(copy, weights_only=True)
     assert rewritten[FORMAT_KEY] == 1 and rewritten.keys() - {FORMAT_KEY} == stored.keys()
