@@ -217,6 +217,35 @@ class TrustConfig(_Section):
         "sets miss its true images at most this often, on images like the validation ones")
 
 
+class PretrainConfig(_Section):
+    """Self-supervised pretraining (`embryo-ml pretrain`, `embryo_ml.train.pretrain`): SimSiam on
+    the clinic's own unlabelled images; `model.*` and `data.*` are shared with training, so the
+    backbone and input size pretrained are the ones `train` fine-tunes."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=4, description="images per step (two views each); SimSiam "
+                            "needs no negatives, so small batches work")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate, cosine decay after "
+                      "warm-up")
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: int = Field(2, ge=0)
+    projection_dim: int = Field(512, ge=16, description="projector output width")
+    predictor_dim: int = Field(128, ge=8, description="predictor bottleneck width")
+    min_crop: float = Field(0.5, gt=0.1, le=1.0, description="smallest crop side, as a share "
+                            "of the image side; crops keep the detected embryo in view")
+    blur_p: float = Field(0.5, ge=0.0, le=1.0, description="focus-blur probability per view")
+    brightness: float = Field(0.3, ge=0.0, le=1.0)
+    contrast: float = Field(0.3, ge=0.0, le=1.0)
+    noise_p: float = Field(0.2, ge=0.0, le=1.0)
+    pair_p: float = Field(0.5, ge=0.0, le=1.0, description="where embryo_id is known, the "
+                          "chance that the second view is another image of the same embryo")
+    pair_window: int = Field(2, ge=1, description="that other image is at most this many "
+                             "places away in the embryo's order (focal plane, else file name): "
+                             "neighbouring planes and frames, not day 1 against day 5")
+    probe: bool = Field(True, description="when the images have labels, fit a linear probe "
+                        "on the frozen features at the end (grouped cross-validation)")
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
@@ -236,6 +265,7 @@ class Config(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trust: TrustConfig = Field(default_factory=TrustConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def flat(self) -> dict[str, Any]:

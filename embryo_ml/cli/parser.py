@@ -12,7 +12,13 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeAlias
 
-from embryo_ml.cli import bundle_commands, data_commands, score_commands, train_commands
+from embryo_ml.cli import (
+    bundle_commands,
+    data_commands,
+    pretrain_commands,
+    score_commands,
+    train_commands,
+)
 from embryo_ml.cli.common import EXIT_USER_ERROR, add_run_options
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -21,6 +27,8 @@ CommandTree: TypeAlias = "dict[str, tuple[str, AddArguments | CommandTree]]"
 
 COMMANDS: CommandTree = {
     "synth": ("write a synthetic embryo data set with a manifest", train_commands.add_synth),
+    "pretrain": ("self-supervised pretraining on unlabelled images (weights for "
+                 "model.pretrained_file); tracked in MLflow", pretrain_commands.add_pretrain),
     "train": ("train a model; tracked in MLflow", train_commands.add_train),
     "cv": ("grouped k-fold cross-validation (MLflow parent + fold runs)", train_commands.add_cv),
     "evaluate": ("metrics, subgroups, shortcut baselines and plots of a scored set with known "

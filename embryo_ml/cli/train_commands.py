@@ -114,6 +114,8 @@ def run_train(args: argparse.Namespace) -> int:
                                for k, v in within.items()))
     for warning in metrics.get("shortcut_warnings") or []:
         print(f"  WARNING: {warning.removeprefix('WARNING: ')}")
+    for warning in (metrics.get("pretraining") or {}).get("warnings", []):
+        print(f"  WARNING: {warning}")
     print_verdict(metrics)
     print(f"run folder: {result.run_dir}")
     print(f"MLflow run id: {result.run_id}")

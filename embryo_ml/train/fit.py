@@ -52,6 +52,7 @@ from embryo_ml.train.finish import (
 from embryo_ml.train.loop import Precision
 from embryo_ml.train.models import build_model_with_source, model_normalization
 from embryo_ml.train.precision import resolve_precision
+from embryo_ml.train.pretrain_check import pretraining_check
 from embryo_ml.train.recipe import Recipe, resolve_recipe
 from embryo_ml.train.run_data import (
     Inputs,
@@ -174,6 +175,9 @@ def _fit(
     precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device)
     model, recipe, inputs = build_run_model(cfg, run, device, precision)  # may refuse offline
     setup = RunSetup(cfg, run, inputs, device, precision, context, run_dir, progress)
+    if recipe.weights == "file" and context.is_main:
+        setup.pretraining = pretraining_check(cfg, run.table.iloc[run.val_idx], inputs.mean,
+                                              inputs.std)
     if setup.main:
         _start_run_folder(setup, source)
     train_set, augment = training_set(cfg, run, inputs, run.train_idx, cfg.seed + context.rank)
@@ -278,6 +282,12 @@ def _finish(setup: RunSetup, trainer: Trainer, selection: Selection, loop: Epoch
     if not setup.main:
         return FitResult("", setup.run_dir, final.metrics, tracker.tracking_uri)
     report_evaluation(final.evaluation, setup.progress)
+    if setup.pretraining:
+        final.metrics["pretraining"] = setup.pretraining
+        overlap = setup.pretraining["overlap"]
+        tracker.set_tags({"pretraining.sha256": setup.pretraining["fingerprint"],
+                          "pretraining.overlap_images": overlap["images"],
+                          "pretraining.overlap_patients": overlap["patients"]})
     if setup.cfg.train.refit:
         final.metrics["refit"] = _refit(setup, loop.best_epoch + 1, tracker.run_id)
     write_run_files(setup, final)

@@ -136,6 +136,7 @@ class RunSetup:
     context: DistContext
     run_dir: Path
     progress: bool
+    pretraining: dict[str, Any] | None = None  # embryo_ml.train.pretrain_check
 
     @property
     def main(self) -> bool:
