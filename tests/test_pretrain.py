@@ -16,7 +16,7 @@ from embryo_ml.cli.runner import main
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.errors import DataError
 from embryo_ml.train import pretrain as pretrain_module
-from embryo_ml.train.pretrain import learning_warnings, pretrain, resume_path
+from embryo_ml.train.pretrain import learning_warnings, pretrain, probe_warnings, resume_path
 from embryo_ml.train.pretrain_data import (
     Exclusion,
     content_digest,
@@ -276,6 +276,8 @@ def test_output_spread_sees_collapse_and_warnings_say_so() -> None:
     found = learning_warnings(rows)
     assert any("collapsed" in w for w in found) and any("did not fall" in w for w in found)
     assert learning_warnings([{"loss": -0.1 * i, "output_spread": 0.9} for i in range(4)]) == []
+    assert "no gain" in probe_warnings({"auc": 0.55, "random_init_auc": 0.6})[0]
+    assert probe_warnings({"auc": 0.7, "random_init_auc": 0.6}) == [] == probe_warnings(None)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
     backbone.num_features = 8  # what a timm backbone says of its pooled features
     model = SimSiam(backbone, 16, 4)
@@ -291,3 +293,28 @@ def test_linear_probe_tells_signal_from_noise() -> None:
     noise = rng.normal(size=(120, 16))
     assert probe_auc(signal, y, groups, 5, 0) > 0.9
     assert 0.3 < probe_auc(noise, y, groups, 5, 0) < 0.7
+
+
+def test_train_warns_of_weights_made_for_another_run(tmp_path: Path, synth_data: Path) -> None:
+    """A collapsed pretraining, another model, size or normalisation: each its own warning."""
+    from safetensors.torch import save_file
+
+    from embryo_ml.train.pretrain_check import pretraining_check
+    from embryo_ml.train.pretrain_data import PretrainRecord
+
+    record = PretrainRecord("resnet18", 128, [0.5] * 3, [0.25] * 3, "simsiam", 3, 10, "f" * 64,
+                            [], {}, output_spread=0.01)
+    weights = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(1)}, str(weights), metadata=record.to_metadata())
+    cfg = tiny_config(tmp_path / "m.db", "data.image_size=32",
+                      f"model.pretrained_file={weights}")
+    table = pd.read_csv(synth_data).head(4).assign(
+        path=lambda t: [str(synth_data.parent / p) for p in t["path"]])
+    found = pretraining_check(cfg, table, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    text = " ".join(found["warnings"])
+    assert "collapsed" in text and "for resnet18" in text and "at 128 px" in text
+    assert "normalisation" in text and found["overlap"]["images"] == 0
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))  # weights from elsewhere: nothing to check
+    cfg = tiny_config(tmp_path / "m.db", f"model.pretrained_file={plain}")
+    assert pretraining_check(cfg, table, (0.5,) * 3, (0.25,) * 3) is None

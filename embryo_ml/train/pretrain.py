@@ -36,6 +36,7 @@ from embryo_ml.errors import ConfigError, DataError, ImageReadError
 from embryo_ml.fileio import atomic_path
 from embryo_ml.train.models import build_model_with_source, model_normalization
 from embryo_ml.train.pretrain_data import (
+    COLLAPSE_SPREAD,
     Exclusion,
     PretrainRecord,
     PretrainSet,
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 METHOD = "simsiam"
 RESUME_SUFFIX = ".resume.pt"
 RESUME_FORMAT = 1
-COLLAPSE_SPREAD = 0.1  # output_spread below this: every image maps to (nearly) one point
 
 
 def resume_path(out: str | os.PathLike[str]) -> Path:
@@ -68,13 +68,14 @@ class PretrainResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_readable(dataset: PretrainImages, progress: bool) -> None:
-    """Decode every image once (this fills the decoded cache): one clear error for the first
-    unreadable one before any training, instead of a crash hours in."""
+def prepare_images(dataset: PretrainImages, progress: bool) -> None:
+    """Decode every image once (this fills the decoded cache) and find its embryo, in this
+    process, before DataLoader workers copy the dataset: one clear error for the first
+    unreadable image before any training, instead of a crash hours in."""
     bad: list[str] = []
     for index in _progress(range(len(dataset)), progress, "reading images"):
         try:
-            dataset.source(index)
+            dataset.box(index, dataset.source(index))
         except ImageReadError as error:
             bad.append(str(error))
     if bad:
@@ -203,6 +204,16 @@ def learning_warnings(history: list[dict[str, float]]) -> list[str]:
     return found
 
 
+def probe_warnings(probe: dict[str, float] | None) -> list[str]:
+    """A warning when the pretrained features tell the labels apart no better than the
+    untrained network's (the probe's baseline)."""
+    if not probe or probe["auc"] > probe["random_init_auc"]:
+        return []
+    return [f"the linear probe found no gain over an untrained network (ROC AUC "
+            f"{probe['auc']:.3f} vs {probe['random_init_auc']:.3f}): these features may not "
+            "help fine-tuning; compare with training from scratch before relying on them"]
+
+
 def _id_hashes(table: pd.DataFrame) -> dict[str, list[str]]:
     hashes = {}
     for column in ("patient_id", "embryo_id"):
@@ -296,12 +307,11 @@ def _pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: Path,
         parts.run.restore(state)
         history = list(state["history"])
         log.info("resuming %s after epoch %d", checkpoint, len(history) - 1)
-    else:
-        check_readable(parts.dataset, progress)
-        if tracker is not None:
-            tracker.log_params({**cfg.flat(), "pretrain.images": len(images.table),
-                                "pretrain.excluded": images.excluded,
-                                "pretrain.method": METHOD, "data.sha256": images.fingerprint})
+    prepare_images(parts.dataset, progress)
+    if not resume and tracker is not None:
+        tracker.log_params({**cfg.flat(), "pretrain.images": len(images.table),
+                            "pretrain.excluded": images.excluded,
+                            "pretrain.method": METHOD, "data.sha256": images.fingerprint})
     log.info("pretraining %s at %d px on %d images (%d excluded), %s, %d epochs",
              cfg.model.name, cfg.data.image_size, len(images.table), images.excluded, METHOD,
              cfg.pretrain.epochs)
@@ -340,6 +350,7 @@ def _finish(cfg: Config, parts: _Parts, images: PretrainSet, history: list[dict[
 
         record.probe = linear_probe(cfg, parts.run.model.backbone, images.table,
                                     parts.settings, parts.cache, parts.device)
+        result.warnings += probe_warnings(record.probe)
     save_weights(parts.run.model.backbone, record, out)
     resume_path(out).unlink(missing_ok=True)
     if tracker is not None:

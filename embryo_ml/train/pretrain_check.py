@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from embryo_ml.config import Config
-from embryo_ml.train.pretrain_data import read_record, validation_overlap
+from embryo_ml.train.pretrain_data import COLLAPSE_SPREAD, read_record, validation_overlap
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ def pretraining_check(cfg: Config, validation: pd.DataFrame, mean: tuple[float, 
             f"{len(validation)} validation images by content): the validation figures and "
             "the verdict are optimistic; pretrain with --exclude-splits for the patients you "
             "evaluate on")
+    if record.output_spread is not None and record.output_spread < COLLAPSE_SPREAD:
+        warnings.append(f"model.pretrained_file comes from a collapsed pretraining run (output "
+                        f"spread {record.output_spread:.3f}): its features are nearly constant")
+    if record.model_name != cfg.model.name:
+        warnings.append(f"model.pretrained_file was pretrained for {record.model_name}, this "
+                        f"run trains {cfg.model.name}: only tensors of matching shape load")
     if record.image_size != cfg.data.image_size:
         warnings.append(f"model.pretrained_file was pretrained at {record.image_size} px, this "
                         f"run trains at {cfg.data.image_size} px")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ ID_COLUMNS = ("patient_id", "embryo_id")
 RECORD_KEY = "embryo_ml.pretrain"  # the safetensors metadata entry
 RECORD_FORMAT = 1
 MIN_IMAGES = 8  # fewer cannot fill two BatchNorm batches
+COLLAPSE_SPREAD = 0.1  # output spread below this: every image maps to (nearly) one point
 
 
 def content_digest(path: str | os.PathLike[str]) -> str:
@@ -231,6 +233,12 @@ def collect_images(sources: list[str | os.PathLike[str]],
     return PretrainSet(table, digests, excluded)
 
 
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the numbers in a name by value: RUN9 before RUN10."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", text) if part)
+
+
 def pair_partners(table: pd.DataFrame, window: int) -> list[list[int]]:
     """Neighbouring images of the same embryo (`embryo_id`), ordered by `focal_plane` when
     numeric, else by path: the candidates for a positive pair."""
@@ -240,8 +248,12 @@ def pair_partners(table: pd.DataFrame, window: int) -> list[list[int]]:
         if "focal_plane" in table.columns else None
     frame = pd.DataFrame({"embryo": table["embryo_id"], "path": table["path"],
                           "plane": order_key if order_key is not None else np.nan})
+    frame["name"] = [natural_key(p) for p in frame["path"]]  # frame 9 before frame 10
     groups = []
     for _, members in frame.dropna(subset=["embryo"]).groupby("embryo", sort=False):
-        by = ["plane", "path"] if members["plane"].notna().all() else ["path"]
-        groups.append(members.sort_values(by).index.tolist())
+        if members["plane"].notna().all():
+            ordered = members.sort_values("plane", kind="stable")
+        else:
+            ordered = members.loc[sorted(members.index, key=lambda i: frame.at[i, "name"])]
+        groups.append(ordered.index.tolist())
     return neighbour_index(groups, window, len(table))

@@ -36,7 +36,7 @@ class ViewSettings:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     min_crop: float = 0.5
-    blur_p: float = 0.5
+    blur_p: float = 0.3
     brightness: float = 0.3
     contrast: float = 0.3
     noise_p: float = 0.2
@@ -93,7 +93,7 @@ def make_view(image: np.ndarray, box: Box | None, settings: ViewSettings,
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REFLECT_101).astype(np.float32)
     if settings.blur_p and rng.random() < settings.blur_p:  # another focal plane
-        sigma = rng.uniform(0.3, 2.0) * settings.size / 128
+        sigma = rng.uniform(0.2, 1.2) * settings.size / 128  # mild: grades live in detail
         view = cv2.GaussianBlur(view, (0, 0), sigma)
     if rng.random() < 0.8:
         gain = 1 + rng.uniform(-settings.contrast, settings.contrast)
