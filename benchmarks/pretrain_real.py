@@ -37,10 +37,10 @@ from recipe_real import (
     REPO,
     SHARED,
     folds_of,
-    interval,
     run_toolkit,
     scores,
     stage_grade_manifest,
+    summarise,
 )
 
 STORK = SHARED / "stork" / "images"
@@ -159,20 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(done: pd.DataFrame, pretrained: dict[int, dict], args: argparse.Namespace) -> int:
-    results = {}
-    print(f"\n{'recipe':<11} {'folds':>5}  {'held-out AUC':<22} {'within-stage AUC':<22} "
-          f"{'blastocyst AUC':<22}")
-    for recipe, frame in done.groupby("recipe", sort=False):
-        per_fold = pd.DataFrame([scores(f) for _, f in frame.groupby("fold")])
-        ci = interval(frame, args.n_boot, args.seed)
-        results[recipe] = {"folds": int(frame["fold"].nunique()),
-                           **{k: float(per_fold[k].mean()) for k in per_fold},
-                           **{f"{k}_ci": v for k, v in ci.items()},
-                           "per_fold": per_fold.to_dict(orient="list")}
-        cells = [f"{results[recipe][k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
-                 for k in ("auc", "within_stage_auc", "day5_auc")]
-        print(f"{recipe:<11} {results[recipe]['folds']:>5}  "
-              + " ".join(f"{c:<22}" for c in cells))
+    results = summarise(done, args.n_boot, args.seed)
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                          "pretraining": pretrained, "results": results},

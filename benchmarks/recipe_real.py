@@ -245,22 +245,30 @@ def main(argv: list[str] | None = None) -> int:
     return report(done, args)
 
 
-def report(done: pd.DataFrame, args: argparse.Namespace) -> int:
-    results = {}
-    print(f"\n{'recipe':<9} {'folds':>5}  {'held-out AUC':<22} {'within-stage AUC':<22} "
+def summarise(done: pd.DataFrame, n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Per recipe: mean of the per-fold scores, bootstrap intervals of the pooled out-of-fold
+    predictions, per-fold figures and training seconds; printed as a table."""
+    results: dict[str, dict[str, Any]] = {}
+    print(f"\n{'recipe':<11} {'folds':>5}  {'held-out AUC':<22} {'within-stage AUC':<22} "
           f"{'blastocyst AUC':<22} train s/fold")
     for recipe, frame in done.groupby("recipe", sort=False):
         per_fold = pd.DataFrame([scores(f) for _, f in frame.groupby("fold")])
-        ci = interval(frame, args.n_boot, args.seed)
+        ci = interval(frame, n_boot, seed)
         results[recipe] = {"folds": int(frame["fold"].nunique()),
                            **{k: float(per_fold[k].mean()) for k in per_fold},
                            **{f"{k}_ci": v for k, v in ci.items()},
+                           "per_fold": per_fold.to_dict(orient="list"),
                            "seconds_per_fold": float(frame.groupby("fold")["seconds"].first()
                                                      .mean())}
         cells = [f"{results[recipe][k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
                  for k in ("auc", "within_stage_auc", "day5_auc")]
-        print(f"{recipe:<9} {results[recipe]['folds']:>5}  " + " ".join(f"{c:<22}" for c in cells)
+        print(f"{recipe:<11} {results[recipe]['folds']:>5}  " + " ".join(f"{c:<22}" for c in cells)
               + f" {results[recipe]['seconds_per_fold']:.0f}")
+    return results
+
+
+def report(done: pd.DataFrame, args: argparse.Namespace) -> int:
+    results = summarise(done, args.n_boot, args.seed)
     if args.json:
         import json
 
