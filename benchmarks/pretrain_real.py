@@ -27,20 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 from recipe_real import (
-    DATA,
     REPO,
     SHARED,
-    folds_of,
+    Predictions,
+    add_fold_options,
+    folded_table,
     run_toolkit,
     scores,
-    stage_grade_manifest,
     summarise,
+    write_results,
 )
 
 STORK = SHARED / "stork" / "images"
@@ -106,34 +106,21 @@ def pretrain_fold(table: pd.DataFrame, fold: int, work: Path, args: argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/embryo-ml-pretrain-real"))
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--only-folds", type=int, nargs="*", help="run these fold indices only")
-    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    add_fold_options(parser, Path("/tmp/embryo-ml-pretrain-real"), folds=3)
     parser.add_argument("--pretrain-epochs", type=int, help="default: pretrain.epochs")
     parser.add_argument("--pretrain-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more pretrain.* overrides")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     import embryo_ml.export.onnx_export  # noqa: F401 - every module this run needs, loaded
     import embryo_ml.train.fit  # noqa: F401 - now: edits to the tree during a long run
     import embryo_ml.train.pretrain  # noqa: F401 - do not mix into later folds
-    if not args.data.is_dir():
-        print(f"error: {args.data} not found (the real samples live in ../shared/data)",
-              file=sys.stderr)
+    table = folded_table(args)
+    if table is None:
         return 2
-    table = pd.read_csv(stage_grade_manifest(args.data, args.work / "manifest.csv"))
-    table["fold"] = folds_of(table, args.folds, args.seed)
     print(f"{len(table)} labelled images, {table['patient_id'].nunique()} duplicate groups, "
           f"{args.folds} folds, {args.model} {args.size} px, {args.epochs} fine-tuning epochs",
           flush=True)
-    predictions = args.work / "predictions.csv"
-    done = pd.read_csv(predictions) if predictions.is_file() else pd.DataFrame()
+    predictions = Predictions(args.work)
     pretrained: dict[int, dict] = {}
     for fold in args.only_folds if args.only_folds is not None else range(args.folds):
         train, test = table[table["fold"] != fold], table[table["fold"] == fold]
@@ -146,25 +133,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{probe.get('random_init_auc', math.nan):.3f})", flush=True)
         for recipe, overrides in (("scratch", []),
                                   ("pretrained", [f"model.pretrained_file={weights}"])):
-            if len(done) and ((done["recipe"] == recipe) & (done["fold"] == fold)).any():
+            if predictions.has(recipe, fold):
                 continue
             p, seconds = run_toolkit(train, test, overrides,
                                      args.work / f"{recipe}-fold{fold}", args)
-            rows = test.assign(p=p, recipe=recipe, seconds=seconds)
-            done = pd.concat([done, rows], ignore_index=True)
-            done.to_csv(predictions, index=False)
+            rows = predictions.add(test, p, recipe, seconds)
             print(f"fold {fold} {recipe:<10} auc {scores(rows)['auc']:.3f}  day-5 auc "
                   f"{scores(rows)['day5_auc']:.3f} ({seconds:.0f} s)", flush=True)
-    return report(done, pretrained, args)
-
-
-def report(done: pd.DataFrame, pretrained: dict[int, dict], args: argparse.Namespace) -> int:
-    results = summarise(done, args.n_boot, args.seed)
-    if args.json:
-        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                         "pretraining": pretrained, "results": results},
-                                        indent=2))
-    return 0 if all(math.isfinite(r["auc"]) for r in results.values()) else 1
+    return write_results(args, summarise(predictions.done, args.n_boot, args.seed),
+                         pretraining=pretrained)
 
 
 if __name__ == "__main__":

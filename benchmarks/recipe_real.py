@@ -202,47 +202,90 @@ def interval(frame: pd.DataFrame, n_boot: int, seed: int) -> dict[str, list[floa
             for k, v in draws.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_fold_options(parser: argparse.ArgumentParser, work: Path, folds: int) -> None:
+    """The options of a grouped cross-validation on stage-grade (this script's and
+    `pretrain_real.py`'s)."""
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/embryo-ml-recipe-real"))
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=work)
+    parser.add_argument("--folds", type=int, default=folds)
     parser.add_argument("--only-folds", type=int, nargs="*", help="run these fold indices only")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--recipes", nargs="+", default=["old", "default", "plain"],
-                        choices=[*RECIPES, "plain"])
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+
+
+def folded_table(args: argparse.Namespace) -> pd.DataFrame | None:
+    """The stage-grade manifest with a `fold` column; None (said on stderr) without the data."""
     if not args.data.is_dir():
         print(f"error: {args.data} not found (the real samples live in ../shared/data)",
               file=sys.stderr)
-        return 2
+        return None
     table = pd.read_csv(stage_grade_manifest(args.data, args.work / "manifest.csv"))
     table["fold"] = folds_of(table, args.folds, args.seed)
+    return table
+
+
+class Predictions:
+    """The held-out predictions so far, in WORK/predictions.csv: a rerun skips finished
+    (recipe, fold) pairs."""
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / "predictions.csv"
+        self.done = pd.read_csv(self.path) if self.path.is_file() else pd.DataFrame()
+
+    def has(self, recipe: str, fold: int) -> bool:
+        done = self.done
+        return bool(len(done) and ((done["recipe"] == recipe) & (done["fold"] == fold)).any())
+
+    def add(self, test: pd.DataFrame, p: np.ndarray, recipe: str, seconds: float
+            ) -> pd.DataFrame:
+        """Keep (and write) `recipe`'s predictions `p` for the `test` rows; returns them."""
+        rows = test.assign(p=p, recipe=recipe, seconds=seconds)
+        self.done = pd.concat([self.done, rows], ignore_index=True)
+        self.done.to_csv(self.path, index=False)
+        return rows
+
+
+def write_results(args: argparse.Namespace, results: dict[str, dict[str, Any]],
+                  **extra: Any) -> int:
+    """The JSON (`--json`) of the settings, `extra` and `results`; the exit status."""
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                         **extra, "results": results}, indent=2))
+    return 0 if all(math.isfinite(r["auc"]) for r in results.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_fold_options(parser, Path("/tmp/embryo-ml-recipe-real"), folds=5)
+    parser.add_argument("--recipes", nargs="+", default=["old", "default", "plain"],
+                        choices=[*RECIPES, "plain"])
+    args = parser.parse_args(argv)
+    table = folded_table(args)
+    if table is None:
+        return 2
     print(f"{len(table)} images, {table['patient_id'].nunique()} duplicate groups, "
           f"{args.folds} folds, {args.model} {args.size} px, {args.epochs} epochs", flush=True)
-    predictions = args.work / "predictions.csv"
-    done = pd.read_csv(predictions) if predictions.is_file() else pd.DataFrame()
+    predictions = Predictions(args.work)
     for fold in args.only_folds if args.only_folds is not None else range(args.folds):
         train, test = table[table["fold"] != fold], table[table["fold"] == fold]
         for recipe in args.recipes:
-            if len(done) and ((done["recipe"] == recipe) & (done["fold"] == fold)).any():
+            if predictions.has(recipe, fold):
                 continue  # resumable: this fold of this recipe is already in predictions.csv
             if recipe == "plain":
                 p, seconds = run_plain(train, test, args)
             else:
                 p, seconds = run_toolkit(train, test, RECIPES[recipe],
                                          args.work / f"{recipe}-fold{fold}", args)
-            rows = test.assign(p=p, recipe=recipe, seconds=seconds)
-            done = pd.concat([done, rows], ignore_index=True)
-            done.to_csv(predictions, index=False)
+            rows = predictions.add(test, p, recipe, seconds)
             print(f"fold {fold} {recipe:<8} auc {scores(rows)['auc']:.3f}  "
                   f"({seconds:.0f} s)", flush=True)
-    return report(done, args)
+    return write_results(args, summarise(predictions.done, args.n_boot, args.seed))
 
 
 def summarise(done: pd.DataFrame, n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
@@ -265,16 +308,6 @@ def summarise(done: pd.DataFrame, n_boot: int, seed: int) -> dict[str, dict[str,
         print(f"{recipe:<11} {results[recipe]['folds']:>5}  " + " ".join(f"{c:<22}" for c in cells)
               + f" {results[recipe]['seconds_per_fold']:.0f}")
     return results
-
-
-def report(done: pd.DataFrame, args: argparse.Namespace) -> int:
-    results = summarise(done, args.n_boot, args.seed)
-    if args.json:
-        import json
-
-        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                         "results": results}, indent=2))
-    return 0 if all(math.isfinite(r["auc"]) for r in results.values()) else 1
 
 
 if __name__ == "__main__":

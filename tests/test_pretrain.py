@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from embryo_ml.cli.runner import main
+from embryo_ml.config import PretrainConfig
 from embryo_ml.data.splits import grouped_split
 from embryo_ml.errors import DataError
 from embryo_ml.train import pretrain as pretrain_module
@@ -244,7 +245,7 @@ def test_views_keep_the_embryo_and_repeat_by_seed() -> None:
         assert cx - side / 2 <= box[0] + 1e-6 and cx + side / 2 >= box[2] - 1e-6
         assert cy - side / 2 <= box[1] + 1e-6 and cy + side / 2 >= box[3] - 1e-6
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    settings = ViewSettings(SIZE, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    settings = ViewSettings.from_config(PretrainConfig(), SIZE, (0.5,) * 3, (0.25,) * 3)
     one = make_view(image, None, settings, np.random.default_rng([0, 3, 7]))
     again = make_view(image, None, settings, np.random.default_rng([0, 3, 7]))
     other = make_view(image, None, settings, np.random.default_rng([0, 4, 7]))
@@ -256,7 +257,7 @@ def test_positive_pairs_are_neighbouring_images_of_one_embryo(synth_data: Path) 
     assert neighbour_index([[0, 1, 2, 3, 4]], 1, 6) == [[1], [0, 2], [1, 3], [2, 4], [3], []]
     table = pd.read_csv(synth_data)
     paths = [str(synth_data.parent / p) for p in table["path"][:6]]
-    settings = ViewSettings(SIZE, (0.5,) * 3, (0.25,) * 3)
+    settings = ViewSettings.from_config(PretrainConfig(), SIZE, (0.5,) * 3, (0.25,) * 3)
     dataset = PretrainImages(paths, [[1], [0], [], [], [], []], settings, seed=0, pair_p=1.0)
     seen: list[int] = []
     dataset.source = lambda index: (seen.append(index),  # type: ignore[method-assign]

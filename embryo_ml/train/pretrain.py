@@ -34,6 +34,7 @@ from embryo_ml.config import Config
 from embryo_ml.data.cache import DecodedCache
 from embryo_ml.errors import ConfigError, DataError, ImageReadError
 from embryo_ml.fileio import atomic_path
+from embryo_ml.train.fit import pick_device
 from embryo_ml.train.models import build_model_with_source, model_normalization
 from embryo_ml.train.pretrain_data import (
     COLLAPSE_SPREAD,
@@ -46,6 +47,7 @@ from embryo_ml.train.pretrain_data import (
 )
 from embryo_ml.train.pretrain_model import SimSiam, output_spread
 from embryo_ml.train.pretrain_views import PretrainImages, ViewSettings
+from embryo_ml.train.tracking import RunTracker
 from embryo_ml.train.trainer import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -91,13 +93,6 @@ def _progress(items: Any, enabled: bool, desc: str) -> Any:
     return tqdm(items, desc=desc, leave=False)
 
 
-def _device(cfg: Config) -> torch.device:
-    wanted = cfg.train.device
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 class _Run:
     """The network, optimiser and schedule of one pretraining run, and their saved state."""
 
@@ -118,9 +113,9 @@ class _Run:
             self.optimizer, warmup_cosine(total, p.warmup_epochs * steps_per_epoch))
 
     def state(self, epoch: int, history: list[dict[str, float]], data_fingerprint: str,
-              config: dict[str, Any]) -> dict[str, Any]:
+              config: dict[str, Any], run_id: str | None) -> dict[str, Any]:
         return {"format_version": RESUME_FORMAT, "epoch": epoch, "history": history,
-                "fingerprint": data_fingerprint, "config": config,
+                "fingerprint": data_fingerprint, "config": config, "run_id": run_id,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
 
@@ -245,17 +240,14 @@ def pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: str | os.P
     run."""
     out = Path(out)
     _check_out(out, resume)
-    run_id = None
-    if resume:
-        run_id = read_resume(resume_path(out)).get("run_id")
+    state = read_resume(resume_path(out)) if resume else None
     if not track:
-        return _pretrain(cfg, sources, out, exclusion, resume, progress, None)
-    from embryo_ml.train.tracking import RunTracker
-
+        return _pretrain(cfg, sources, out, exclusion, state, progress, None)
     with RunTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                    run_name=f"pretrain-{out.stem}", run_id=run_id) as tracker:
+                    run_name=f"pretrain-{out.stem}",
+                    run_id=state.get("run_id") if state else None) as tracker:
         tracker.set_tags({"embryo_ml.stage": "pretrain"})
-        return _pretrain(cfg, sources, out, exclusion, resume, progress, tracker)
+        return _pretrain(cfg, sources, out, exclusion, state, progress, tracker)
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -281,7 +273,7 @@ class _Parts:
 
 
 def _build(cfg: Config, images: PretrainSet) -> _Parts:
-    device = _device(cfg)
+    device = pick_device(cfg.train.device)
     size = cfg.data.image_size
     batch = min(cfg.pretrain.batch_size, len(images.table))
     run = _Run(cfg, len(images.table) // batch, device)
@@ -296,8 +288,9 @@ def _build(cfg: Config, images: PretrainSet) -> _Parts:
 
 
 def _pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: Path,
-              exclusion: Exclusion | None, resume: bool, progress: bool,
-              tracker: Any) -> PretrainResult:
+              exclusion: Exclusion | None, state: dict[str, Any] | None, progress: bool,
+              tracker: RunTracker | None) -> PretrainResult:
+    """The run; `state` is the interrupted run's (`read_resume`), or None for a new one."""
     checkpoint = resume_path(out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -305,14 +298,13 @@ def _pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: Path,
     parts = _build(cfg, images)
     config = cfg.model_dump(mode="json")
     history: list[dict[str, float]] = []
-    if resume:
-        state = read_resume(checkpoint)
+    if state is not None:
         _check_resumable(state, checkpoint, images.fingerprint, config)
         parts.run.restore(state)
         history = list(state["history"])
         log.info("resuming %s after epoch %d", checkpoint, len(history) - 1)
     prepare_images(parts.dataset, progress)
-    if not resume and tracker is not None:
+    if state is None and tracker is not None:
         tracker.log_params({**cfg.flat(), "pretrain.images": len(images.table),
                             "pretrain.excluded": images.excluded,
                             "pretrain.method": METHOD, "data.sha256": images.fingerprint})
@@ -327,8 +319,8 @@ def _pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: Path,
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         with atomic_path(checkpoint, durable=False) as tmp:
-            torch.save({**parts.run.state(epoch, history, images.fingerprint, config),
-                        "run_id": getattr(tracker, "run_id", None)}, tmp)
+            torch.save(parts.run.state(epoch, history, images.fingerprint, config,
+                                       getattr(tracker, "run_id", None)), tmp)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         if progress:
@@ -338,7 +330,7 @@ def _pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: Path,
 
 
 def _finish(cfg: Config, parts: _Parts, images: PretrainSet, history: list[dict[str, float]],
-            out: Path, tracker: Any) -> PretrainResult:
+            out: Path, tracker: RunTracker | None) -> PretrainResult:
     """The record, the linear probe where there are labels, the weights file; the resume
     checkpoint goes only once the weights are written."""
     last = history[-1] if history else {}

@@ -28,6 +28,7 @@ import pandas as pd
 from embryo_ml.data.manifest import iter_image_files, read_manifest
 from embryo_ml.errors import DataError
 from embryo_ml.train.pretrain_views import neighbour_index
+from embryo_ml.train.tracking import salted_hash
 
 DIGEST_HEX = 16  # 64 bits of the content hash: no accidental collision in any clinic's archive
 ID_COLUMNS = ("patient_id", "embryo_id")
@@ -47,8 +48,9 @@ def content_digest(path: str | os.PathLike[str]) -> str:
 
 
 def id_hash(column: str, value: object) -> str:
-    """A salted hash of an identifier: comparable between runs, not readable."""
-    return hashlib.sha256(f"embryo-ml:{column}:{value}".encode()).hexdigest()[:DIGEST_HEX]
+    """A salted hash of an identifier (the one MLflow logging uses): comparable between
+    runs, not readable."""
+    return salted_hash(f"{column}:{value}")
 
 
 def read_sources(sources: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
@@ -244,10 +246,9 @@ def pair_partners(table: pd.DataFrame, window: int) -> list[list[int]]:
     numeric, else by path: the candidates for a positive pair."""
     if "embryo_id" not in table.columns or table["embryo_id"].isna().all():
         return [[] for _ in range(len(table))]
-    order_key = pd.to_numeric(table.get("focal_plane"), errors="coerce") \
-        if "focal_plane" in table.columns else None
-    frame = pd.DataFrame({"embryo": table["embryo_id"], "path": table["path"],
-                          "plane": order_key if order_key is not None else np.nan})
+    plane = (pd.to_numeric(table["focal_plane"], errors="coerce")
+             if "focal_plane" in table.columns else np.nan)
+    frame = pd.DataFrame({"embryo": table["embryo_id"], "path": table["path"], "plane": plane})
     frame["name"] = [natural_key(p) for p in frame["path"]]  # frame 9 before frame 10
     groups = []
     for _, members in frame.dropna(subset=["embryo"]).groupby("embryo", sort=False):

@@ -21,7 +21,7 @@ from torch import nn
 
 from embryo_ml.config import Config
 from embryo_ml.data.cache import DecodedCache
-from embryo_ml.data.preprocess import load_square, resize_square
+from embryo_ml.data.preprocess import load_square, preprocess
 from embryo_ml.data.splits import group_keys
 from embryo_ml.train.pretrain_views import ViewSettings
 
@@ -32,8 +32,6 @@ MAX_FOLDS = 5
 def features(backbone: nn.Module, paths: list[str], settings: ViewSettings,
              cache: DecodedCache | None, device: torch.device, batch: int = 64) -> np.ndarray:
     """Pooled features of each image as the model sees it at evaluation (N x features)."""
-    mean = np.asarray(settings.mean, np.float32)
-    std = np.asarray(settings.std, np.float32)
     backbone.eval()
     out = []
     with torch.inference_mode():
@@ -42,9 +40,9 @@ def features(backbone: nn.Module, paths: list[str], settings: ViewSettings,
             for path in paths[start:start + batch]:
                 source = cache.load(path) if cache is not None else load_square(
                     path, settings.size)
-                image = resize_square(np.asarray(source), settings.size)
-                images.append(((image / 255.0 - mean) / std).transpose(2, 0, 1))
-            tensor = torch.from_numpy(np.stack(images).astype(np.float32)).to(device)
+                images.append(preprocess(np.asarray(source), settings.size, settings.mean,
+                                         settings.std))  # as the scorer does
+            tensor = torch.from_numpy(np.stack(images)).to(device)
             out.append(backbone(tensor).float().cpu().numpy())
     return np.concatenate(out)
 

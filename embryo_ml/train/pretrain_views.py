@@ -32,14 +32,17 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
 
 @dataclass(frozen=True)
 class ViewSettings:
+    """The view settings of `PretrainConfig` (its defaults are the only ones), for a model
+    input of `size` px normalised with `mean`/`std`."""
+
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    min_crop: float = 0.5
-    blur_p: float = 0.3
-    brightness: float = 0.3
-    contrast: float = 0.3
-    noise_p: float = 0.2
+    min_crop: float
+    blur_p: float
+    brightness: float
+    contrast: float
+    noise_p: float
 
     @classmethod
     def from_config(cls, cfg: PretrainConfig, size: int, mean: Sequence[float],
