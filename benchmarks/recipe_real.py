@@ -18,6 +18,8 @@ Each fold's held-out images are scored by each recipe's model, trained on the ot
 - `default`: `configs/default.yaml` from scratch today (rules, EMA warm-up, one-SE choice,
   geometric augmentation only).
 - `refit`: the same plus `train.refit=true` (retrained on all training-fold images).
+- `fixed-size`: the default with every epoch at full size (`train.progressive_resize=1`, the
+  default before progressive resizing).
 - `plain`: a plain timm + torchvision loop written here (AdamW 1e-3, cosine, flips + any-angle
   rotation, cross-entropy, all training-fold images, last epoch), the loop a tutorial writes.
 All use resnet18, no pretrained weights, the same size and number of epochs.
@@ -59,6 +61,7 @@ RECIPES = {
     "rules+photometric": PHOTOMETRIC,  # the recipe rules, with the old augmentation
     "default": [],
     "refit": ["train.refit=true"],
+    "fixed-size": ["train.progressive_resize=1"],  # every epoch at full size (before 2026-12-01)
     "unregularised": ["loss.label_smoothing=0", "model.drop_rate=0"],
 }
 

@@ -61,8 +61,12 @@ def plain_loop(manifest: Path, epochs: int, size: int, workers: int) -> None:
 
 
 def timed(command: list[str]) -> float:
+    """Wall seconds of `command`; its error output is shown when it fails."""
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n"
+                         f"{done.stderr[-2000:]}")
     return time.perf_counter() - started
 
 

@@ -110,7 +110,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
-        "auto", description="mixed precision: auto = bf16 (or fp16) on CUDA, off on CPU"
+        "auto", description="mixed precision: auto = bf16 (or fp16) on CUDA, bf16 on a CPU "
+        "with native bf16 units (AMX, AVX512-BF16), else off"
     )
     channels_last: Literal["auto"] | bool = Field(
         "auto", description="NHWC memory format for convolutions: auto = true with CUDA"
@@ -127,9 +128,19 @@ class TrainConfig(_Section):
     select_within_se: bool = Field(
         True, description="keep the latest epoch within one standard error of the best "
         "validation score (the one-standard-error rule); false = the maximum")
+    progressive_resize: float = Field(
+        1.0, gt=0.0, le=1.0, description="train the first epoch at this fraction of "
+        "data.image_size, growing linearly to the full size at 85% of the epochs; validation "
+        "and the exported model always use the full size (embryo_ml.train.resolution); 1 = off")
     learning_check_epoch: int = Field(
         2, ge=0, description="after this epoch (0-based), warn when the training loss has not "
         "fallen below the loss of a constant prediction; 0 = no check")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false: `--set train.amp=off` means "off"."""
+        return "off" if value is False else value
 
 
 class LossConfig(_Section):

@@ -55,3 +55,11 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_demo_recipe_is_valid() -> None:
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert cfg.model.pretrained is False
+
+
+def test_amp_off_survives_yaml(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare `off` as false; `train.amp: off` must still mean "off"."""
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(write(tmp_path, "train:\n  amp: off\n")).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=true"])

@@ -131,7 +131,7 @@ class EpochLoop:
         metrics, out = self._metrics(full)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
                **{f"val_{k}": v for k, v in metrics.items()},
-               "lr": trainer.optimizer.param_groups[-1]["lr"],
+               "lr": trainer.optimizer.param_groups[-1]["lr"], "train_side": trainer.side(epoch),
                "epoch_seconds": time.perf_counter() - started}
         self.history.append(row)
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -142,7 +142,7 @@ class EpochLoop:
         self._check_learning(epoch)
         self._save_last(epoch)
         if setup.progress and setup.main:
-            self._print(epoch, train_loss, out.loss, metrics, row["epoch_seconds"])
+            self._print(epoch, train_loss, out.loss, metrics, row)
 
     def _metrics(self, full: EvalOutput) -> tuple[dict[str, float], EvalOutput]:
         """The epoch's validation metrics (the main classes', the grade heads' accuracies, the
@@ -170,11 +170,14 @@ class EpochLoop:
         }, self.setup.run_dir / LAST_FILE)
 
     def _print(self, epoch: int, train_loss: float, val_loss: float,
-               metrics: dict[str, float], seconds: float) -> None:
+               metrics: dict[str, float], row: dict[str, Any]) -> None:
         chosen = ("" if self.selection.metric == "auc" else
                   f"  val_{self.selection.metric} {metrics[self.selection.metric]:.4f}")
+        side = ("" if row["train_side"] == self.cfg.data.image_size else
+                f", trained at {row['train_side']} px")
         print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-              f"val_auc {metrics['auc']:.4f}{chosen}  ({seconds:.1f}s)", flush=True)
+              f"val_auc {metrics['auc']:.4f}{chosen}  ({row['epoch_seconds']:.1f}s{side})",
+              flush=True)
 
     def _choose(self, epoch: int, metrics: dict[str, float], val_loss: float,
                 full: EvalOutput) -> None:

@@ -256,6 +256,17 @@ def _log_start(tracker: Any, setup: RunSetup, recipe: Recipe, trainer: Trainer) 
     tracker.log_config(cfg.model_dump(mode="json"))  # paths hashed (privacy)
 
 
+def _ranges(sides: list[int]) -> str:
+    """[80, 80, 96] -> '80 (epochs 0-1), 96 (epoch 2)'."""
+    parts, start = [], 0
+    for epoch in range(1, len(sides) + 1):
+        if epoch == len(sides) or sides[epoch] != sides[start]:
+            span = f"epoch {start}" if epoch - 1 == start else f"epochs {start}-{epoch - 1}"
+            parts.append(f"{sides[start]} ({span})")
+            start = epoch
+    return ", ".join(parts)
+
+
 def _announce(setup: RunSetup, tracker: Any, recipe: Recipe, trainer: Trainer,
               selection: Selection) -> None:
     """`run_id.txt`, and the log lines that say how this run trains and chooses its model."""
@@ -268,6 +279,9 @@ def _announce(setup: RunSetup, tracker: Any, recipe: Recipe, trainer: Trainer,
     if trainer.ema is not None:
         log.info("EMA of the weights: decay warmed up from 0.1, at most %.4f (%d steps)",
                  trainer.ema.max_decay, cfg.train.epochs * len(trainer.loader))
+    if trainer.sides[0] != cfg.data.image_size:
+        log.info("progressive resizing: training sides %s px by epoch; validation and the "
+                 "exported model at %d px", _ranges(trainer.sides), cfg.data.image_size)
     log.info("best checkpoint by %s (%s)%s", selection.metric, selection.note,
              f"; keeps the latest epoch within one standard error of the best (about "
              f"{selection.standard_error(0.75):.3f} at 0.75 on {selection.n_positive}+"

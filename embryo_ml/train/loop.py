@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from embryo_ml.errors import EmbryoMLError
+from embryo_ml.train.resolution import resize_batch
 
 
 class NonFiniteLossError(EmbryoMLError):
@@ -66,14 +67,18 @@ def train_one_epoch(
     progress: bool = True,
     ema: nn.Module | None = None,
     precision: Precision = FLOAT32,
+    side: int | None = None,
 ) -> float:
     """Train for one pass over `loader`; the scheduler (and the EMA, if any) step per batch.
     Returns the mean loss. `model` may be wrapped in DistributedDataParallel; the EMA follows
-    the unwrapped module."""
+    the unwrapped module. `side`: train on batches resized to side x side (progressive
+    resizing, `embryo_ml.train.resolution`); None = as the loader gives them."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
     for images, targets in bar:
+        if side is not None:
+            images = resize_batch(images, side)
         images = precision.to_input(images, device)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast(device):

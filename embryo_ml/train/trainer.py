@@ -26,6 +26,7 @@ from embryo_ml.train.ema import WarmupEma
 from embryo_ml.train.loop import Precision, train_one_epoch
 from embryo_ml.train.losses import MultiHeadLoss, build_criterion
 from embryo_ml.train.recipe import Recipe
+from embryo_ml.train.resolution import training_sides
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
@@ -113,16 +114,22 @@ class Trainer:
     recipe: Recipe
     generator: torch.Generator
     baseline_loss: float
+    sides: list[int]  # the training side of each epoch (`embryo_ml.train.resolution`)
+
+    def side(self, epoch: int) -> int:
+        return self.sides[min(epoch, len(self.sides) - 1)]
 
     def run_epoch(self, epoch: int, device: torch.device, precision: Precision,
                   context: DistContext, progress: bool) -> float:
-        """One epoch (backbone frozen while the recipe says so); returns the mean loss."""
+        """One epoch (backbone frozen while the recipe says so, at the epoch's side); returns
+        the mean loss."""
         for parameter in self.backbone:
             parameter.requires_grad_(epoch >= self.recipe.freeze_backbone_epochs)
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         loss = train_one_epoch(self.trained, self.loader, self.optimizer, self.criterion, device,
-                               self.scheduler, epoch, progress, self.ema, precision)
+                               self.scheduler, epoch, progress, self.ema, precision,
+                               self.side(epoch))
         return mean_across_ranks(loss, 1, context)
 
     def state(self) -> dict[str, Any]:
@@ -174,5 +181,7 @@ def build_trainer(
            if cfg.train.ema else None)
     baseline = constant_prediction_loss(criterion, train_set.targets,
                                         output_width(n_classes, heads), n_classes, main_targets)
+    sides = training_sides(cfg.data.image_size, epochs, cfg.train.progressive_resize)
     return Trainer(model, trained, ema.module if ema else model, loader, sampler, optimizer,
-                   scheduler, ema, criterion.to(device), backbone, recipe, generator, baseline)
+                   scheduler, ema, criterion.to(device), backbone, recipe, generator, baseline,
+                   sides)
