@@ -19,7 +19,7 @@ Each fold's held-out images are scored by each recipe's model, trained on the ot
   geometric augmentation only).
 - `refit`: the same plus `train.refit=true` (retrained on all training-fold images).
 - `fixed-size`: the default with every epoch at full size (`train.progressive_resize=1`, the
-  default before progressive resizing).
+  default before progressive resizing); `resize-0.5`: the first epoch at half the side.
 - `plain`: a plain timm + torchvision loop written here (AdamW 1e-3, cosine, flips + any-angle
   rotation, cross-entropy, all training-fold images, last epoch), the loop a tutorial writes.
 All use resnet18, no pretrained weights, the same size and number of epochs.
@@ -62,6 +62,7 @@ RECIPES = {
     "default": [],
     "refit": ["train.refit=true"],
     "fixed-size": ["train.progressive_resize=1"],  # every epoch at full size (before 2026-12-01)
+    "resize-0.5": ["train.progressive_resize=0.5"],  # a lower first side than default's 0.625
     "unregularised": ["loss.label_smoothing=0", "model.drop_rate=0"],
 }
 

@@ -238,3 +238,27 @@ def test_a_missing_extra_is_one_line_naming_the_install(
     monkeypatch.setattr(train_commands, "run_synth", not_ours)
     with pytest.raises(ModuleNotFoundError):
         main(["synth", str(tmp_path)])
+
+
+def test_console_exit_keeps_outputs_exit_codes_and_exit_handlers(tmp_path: Path) -> None:
+    """`python -m embryo_ml.cli` (the console script's path) leaves with `os._exit` after
+    `main`: the command's files and output are whole, its exit status is kept, and the atexit
+    handlers registered before it (MLflow's, logging's) still ran."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, runpy, sys; "
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
+              "sys.argv = ['embryo-ml', *sys.argv[1:]]; "
+              "runpy.run_module('embryo_ml.cli', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script, "-q", "synth", str(tmp_path / "s"),
+                           "--n", "6", "--size", "32"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "s" / "manifest.csv").read_text().splitlines()) == 7
+    assert marker.read_text() == "yes"
+    failed = subprocess.run([sys.executable, "-m", "embryo_ml.cli", "train", "--config",
+                             str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+                            timeout=120)
+    assert failed.returncode == 2 and failed.stderr.startswith("error:"), failed.stderr

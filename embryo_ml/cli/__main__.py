@@ -1,7 +1,5 @@
 """`python -m embryo_ml.cli ...` = `embryo-ml ...`."""
 
-import sys
+from embryo_ml.cli.runner import console_main
 
-from embryo_ml.cli.runner import main
-
-sys.exit(main())
+console_main()
