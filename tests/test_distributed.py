@@ -36,7 +36,8 @@ def test_torchrun_two_cpu_processes_make_one_run(synth_data: Path, tmp_path: Pat
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "embryo_ml.train",
          "--data", str(synth_data), "--out", str(run_dir),
          "--set", f"model.name={TINY_MODEL}", "--set", "data.image_size=48",
-         "--set", "train.epochs=2", "--set", "train.batch_size=8", "--set", "train.lr=0.003"],
+         "--set", "train.epochs=2", "--set", "train.batch_size=8", "--set", "train.lr=0.003",
+         "--set", "train.amp=off"],  # float32 on a bf16 CPU too: compared with float32 below
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -68,8 +69,11 @@ def test_torchrun_two_cpu_processes_make_one_run(synth_data: Path, tmp_path: Pat
 
 def test_precision_settings() -> None:
     cpu = torch.device("cpu")
-    auto = resolve_precision("auto", "auto", cpu)
-    assert auto.amp_dtype is None and not auto.channels_last and auto.scaler is None
+    auto = resolve_precision("auto", "auto", cpu)  # bf16 only where the CPU multiplies it
+    from embryo_ml.train.precision import cpu_has_native_bf16
+
+    native = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert auto.amp_dtype is native and not auto.channels_last and auto.scaler is None
     assert resolve_precision("bf16", True, cpu).amp_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         resolve_precision("fp16", "auto", cpu)

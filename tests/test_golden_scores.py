@@ -39,9 +39,18 @@ def test_scores_equal_the_pre_refactor_ones(golden_bundle: tuple[Path, Path], tm
     then = then.reset_index(drop=True)
     assert list(now.columns) == list(then.columns)
     assert now["path"].tolist() == then["path"].tolist()
+    # ONNX Runtime's int8 kernels differ by instruction set (AVX2 vs AVX512-VNNI / AMX): the
+    # same int8 model scored up to 1.2e-4 apart on a Xeon with AMX; float32 agrees to 1e-6.
+    # This golden model's scores lie within 1e-3 of each other, so int8's ranks follow the
+    # kernels too: there they must follow today's own scores within each patient.
+    atol = 1e-6 if precision == "fp32" else 5e-4
     for column in now.columns:
-        if pd.api.types.is_float_dtype(then[column]):
-            np.testing.assert_allclose(now[column], then[column], atol=1e-6, err_msg=column)
+        if precision == "int8" and column == "rank_in_cohort":
+            for _, cohort in now.groupby("patient_id"):
+                ordered = cohort.sort_values("rank_in_cohort")["score"].to_numpy(float)
+                assert (np.diff(ordered) <= 1e-12).all(), "rank 1 is the highest score"
+        elif pd.api.types.is_float_dtype(then[column]):
+            np.testing.assert_allclose(now[column], then[column], atol=atol, err_msg=column)
         else:
             assert now[column].fillna("").astype(str).tolist() == \
                 then[column].fillna("").astype(str).tolist(), column

@@ -49,8 +49,9 @@ def test_fit_trains_small_then_full_and_validates_at_full_size(
 
     def recording(*args: object, **kwargs: object) -> object:
         model, source = real_build(*args, **kwargs)
-        model.register_forward_pre_hook(
-            lambda module, inputs: seen[module.training].append(inputs[0].shape[-1]))
+        model.register_forward_pre_hook(  # batches only: the 1-image size probe is not one
+            lambda module, inputs: seen[module.training].append(inputs[0].shape[-1])
+            if len(inputs[0]) > 1 else None)
         return model, source
 
     monkeypatch.setattr(fit_module, "build_model_with_source", recording)
@@ -63,3 +64,18 @@ def test_fit_trains_small_then_full_and_validates_at_full_size(
     per_epoch = len(seen[True]) // 3
     assert seen[True] == [32] * per_epoch + [48] * per_epoch + [64] * per_epoch
     assert seen[False] and set(seen[False]) == {64}, "validation always at full size"
+
+
+def test_a_model_built_for_one_size_trains_at_full_size() -> None:
+    """A ViT with a fixed patch grid refuses other sizes: the schedule falls back to full size
+    rather than failing at epoch 0; a CNN keeps its schedule."""
+    import timm
+
+    from embryo_ml.train.resolution import schedule_for
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=2, img_size=64)
+    cnn = timm.create_model("test_resnet", num_classes=2)
+    cnn.train()
+    assert schedule_for(vit, 64, 4, 0.5) == [64] * 4
+    assert schedule_for(cnn, 64, 4, 0.5) == training_sides(64, 4, 0.5) != [64] * 4
+    assert cnn.training, "the probe restores the training mode"

@@ -108,6 +108,7 @@ def trust_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     manifest = generate_dataset(root / "synth", n=1200, size=64, seed=21)
     cfg = tiny_config(root / "mlflow.db", "data.image_size=64", "data.val_fraction=0.5",
                       "train.epochs=3", "train.batch_size=32", "train.lr=0.003",
+                      "train.amp=off",  # the same model on every CPU (auto = bf16 with AMX)
                       gate_undecided=True)
     fit(cfg, manifest, root / "run", progress=False)
     export_bundle(root / "run", root / "bundle")

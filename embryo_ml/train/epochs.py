@@ -48,8 +48,12 @@ def evaluate_all(
     precision: Precision, context: DistContext,
 ) -> EvalOutput:
     """`evaluate` on this rank's validation slice, gathered so every rank sees all of it in the
-    original order (single process: just `evaluate`)."""
-    out = evaluate(model, loader, device, criterion, precision=precision)
+    original order (single process: just `evaluate`). Always in float32 (the memory format
+    kept): calibration, the gate and the trust layer are fit on these logits, and the exported
+    model scores in float32; bf16 logits differed by ~1e-3, enough to shift the OOD limit and
+    the conformal coverage."""
+    out = evaluate(model, loader, device, criterion,
+                   precision=Precision(None, precision.channels_last))
     if not context.enabled:
         return out
     loss = mean_across_ranks(out.loss * len(out.targets), len(out.targets), context)

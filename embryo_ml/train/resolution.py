@@ -14,8 +14,13 @@ cache, the augmentation and persistent DataLoader workers stay the same for ever
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch import nn
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 SIDE_STEP = 8  # px; sides are multiples of this (convolution strides divide them evenly)
 RAMP_END = 0.85  # fraction of the run after which every epoch is at full size
@@ -43,3 +48,31 @@ def resize_batch(images: torch.Tensor, side: int) -> torch.Tensor:
         return images
     return F.interpolate(images, size=(side, side), mode="bilinear", antialias=True,
                          align_corners=False)
+
+
+def accepts_side(model: nn.Module, side: int, channels: int = 3) -> bool:
+    """Does `model` run on side x side inputs? Some models are built for one size (a ViT with a
+    fixed patch grid raises on any other): one image's forward pass, in eval mode (running
+    statistics untouched) and without gradients; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(torch.zeros(1, channels, side, side, device=device))
+        return True
+    except Exception:  # noqa: BLE001 - any refusal of the size means "not this size"
+        return False
+    finally:
+        model.train(was_training)
+
+
+def schedule_for(model: nn.Module, image_size: int, epochs: int, start: float) -> list[int]:
+    """`training_sides`, or full size throughout (with a log line) when `model` does not run on
+    the smallest side."""
+    sides = training_sides(image_size, epochs, start)
+    if sides[0] != image_size and not accepts_side(model, sides[0]):
+        log.info("progressive resizing off: the model does not accept %d px inputs; every "
+                 "epoch trains at %d px", sides[0], image_size)
+        return [image_size] * epochs
+    return sides

@@ -26,7 +26,7 @@ from embryo_ml.train.ema import WarmupEma
 from embryo_ml.train.loop import Precision, train_one_epoch
 from embryo_ml.train.losses import MultiHeadLoss, build_criterion
 from embryo_ml.train.recipe import Recipe
-from embryo_ml.train.resolution import training_sides
+from embryo_ml.train.resolution import schedule_for
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
@@ -154,6 +154,7 @@ def build_trainer(
 ) -> Trainer:
     """Loader, loss, optimizer, warm-up + cosine schedule and EMA for `epochs` epochs of
     `train_set` (`main_targets`: its main-class indices, for class weights and the sampler)."""
+    sides = schedule_for(model, cfg.data.image_size, epochs, cfg.train.progressive_resize)
     generator = torch.Generator().manual_seed(cfg.seed)
     drop_last = len(train_set) > cfg.train.batch_size * context.world_size
     if context.enabled:
@@ -181,7 +182,6 @@ def build_trainer(
            if cfg.train.ema else None)
     baseline = constant_prediction_loss(criterion, train_set.targets,
                                         output_width(n_classes, heads), n_classes, main_targets)
-    sides = training_sides(cfg.data.image_size, epochs, cfg.train.progressive_resize)
     return Trainer(model, trained, ema.module if ema else model, loader, sampler, optimizer,
                    scheduler, ema, criterion.to(device), backbone, recipe, generator, baseline,
                    sides)
