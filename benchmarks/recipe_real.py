@@ -20,6 +20,8 @@ Each fold's held-out images are scored by each recipe's model, trained on the ot
 - `refit`: the same plus `train.refit=true` (retrained on all training-fold images).
 - `fixed-size`: the default with every epoch at full size (`train.progressive_resize=1`, the
   default before progressive resizing); `resize-0.5`: the first epoch at half the side.
+- `day-only`: no model, the training folds' share of good embryos on the image's day (the
+  baseline a model must beat when the day predicts the label, as with `--clinic-skew`).
 - `plain`: a plain timm + torchvision loop written here (AdamW 1e-3, cosine, flips + any-angle
   rotation, cross-entropy, all training-fold images, last epoch), the loop a tutorial writes.
 All use resnet18, no pretrained weights, the same size and number of epochs.
@@ -51,6 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMBRYO_ML_SHARED_DATA", REPO.parent / "shared" / "data"))
 DATA = SHARED / "stage-grade" / "data"
 STAGE_DAY = {"8C": 3, "Mo": 4, "BL": 5}
+# --clinic-skew: the share of good embryos per day after dropping good 8-cell and morula images,
+# so that, as in a clinic, the day alone predicts the label (day-only AUC about 0.7)
+SKEWED_GOOD_SHARE = {3: 0.2, 4: 0.4}
 # default.yaml's augmentation before it became geometric only
 PHOTOMETRIC = ["augment.brightness=0.15", "augment.contrast=0.15", "augment.gamma=0.15",
                "augment.blur_p=0.15", "augment.noise_p=0.15", "augment.scale=0.1",
@@ -88,6 +93,20 @@ def stage_grade_manifest(root: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return out
+
+
+def clinic_skew(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """`table` less a seeded random set of good day-3/day-4 duplicate groups, leaving the good
+    share of each day at `SKEWED_GOOD_SHARE` (blastocysts are all kept)."""
+    rng = np.random.default_rng(seed)
+    dropped: list[str] = []
+    for day, share in SKEWED_GOOD_SHARE.items():
+        rows = table[table["day"] == day]
+        poor = int((rows["label"] == "poor").sum())
+        keep = round(share * poor / (1 - share))
+        groups = rows.loc[rows["label"] == "good", "patient_id"].unique()
+        dropped += list(rng.permutation(groups)[keep:])
+    return table[~table["patient_id"].isin(dropped)].reset_index(drop=True)
 
 
 def folds_of(table: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
@@ -219,6 +238,9 @@ def add_fold_options(parser: argparse.ArgumentParser, work: Path, folds: int) ->
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--clinic-skew", action="store_true",
+                        help="drop good 8-cell and morula images so that the day predicts the "
+                             f"label, as in a clinic (good share per day {SKEWED_GOOD_SHARE})")
 
 
 def folded_table(args: argparse.Namespace) -> pd.DataFrame | None:
@@ -228,6 +250,8 @@ def folded_table(args: argparse.Namespace) -> pd.DataFrame | None:
               file=sys.stderr)
         return None
     table = pd.read_csv(stage_grade_manifest(args.data, args.work / "manifest.csv"))
+    if args.clinic_skew:
+        table = clinic_skew(table, args.seed)
     table["fold"] = folds_of(table, args.folds, args.seed)
     return table
 
@@ -268,8 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_fold_options(parser, Path("/tmp/embryo-ml-recipe-real"), folds=5)
     parser.add_argument("--recipes", nargs="+", default=["old", "default", "plain"],
-                        choices=[*RECIPES, "plain"])
+                        choices=[*RECIPES, "plain", "day-only"])
+    parser.add_argument("--try", dest="trials", nargs="+", default=[], metavar="NAME:KEY=V,...",
+                        help="also run a recipe of your own: default.yaml plus these overrides")
     args = parser.parse_args(argv)
+    recipes = dict(RECIPES)
+    for trial in args.trials:
+        name, _, overrides = trial.partition(":")
+        recipes[name] = [o for o in overrides.split(",") if o]
+        args.recipes.append(name)
     table = folded_table(args)
     if table is None:
         return 2
@@ -283,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # resumable: this fold of this recipe is already in predictions.csv
             if recipe == "plain":
                 p, seconds = run_plain(train, test, args)
+            elif recipe == "day-only":  # the good share of the test image's day in training
+                p, seconds = test["day"].map(train.groupby("day")["label"].apply(
+                    lambda labels: (labels == "good").mean())).to_numpy(float), 0.0
             else:
-                p, seconds = run_toolkit(train, test, RECIPES[recipe],
+                p, seconds = run_toolkit(train, test, recipes[recipe],
                                          args.work / f"{recipe}-fold{fold}", args)
             rows = predictions.add(test, p, recipe, seconds)
             print(f"fold {fold} {recipe:<8} auc {scores(rows)['auc']:.3f}  "

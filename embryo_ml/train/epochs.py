@@ -3,7 +3,9 @@
 The best epoch is chosen by a metric a small subgroup cannot dominate
 (`embryo_ml.evaluation.selection`), never during the learning-rate warm-up; with
 `train.select_within_se` a later epoch within one standard error of the best is preferred.
-`last.pt` after every epoch holds all `--resume` needs to continue exactly.
+`last.pt` after every epoch holds all `--resume` needs to continue exactly. Both checkpoints are
+written on a background thread while the next epoch trains (`embryo_ml.train.background_save`);
+the loop waits for them when its epochs end, on an error too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 from embryo_ml.data.heads import head_accuracies, main_output
 from embryo_ml.evaluation.selection import Selection, keep_epoch
 from embryo_ml.fileio import atomic_write_text
+from embryo_ml.train.background_save import CheckpointWriter
 from embryo_ml.train.distributed import DistContext, gather_rows, mean_across_ranks
 from embryo_ml.train.loop import EvalOutput, Precision, evaluate
 from embryo_ml.train.metrics import binary_metrics, softmax
@@ -30,7 +33,6 @@ from embryo_ml.train.run_folder import (
     BEST_FILE,
     HISTORY_FILE,
     LAST_FILE,
-    save_best,
     save_checkpoint,
 )
 from embryo_ml.train.state import restore_rng_state, rng_state
@@ -97,19 +99,25 @@ class EpochLoop:
         self.best_output: EvalOutput | None = None  # the best epoch's validation logits
         # No epoch of the learning-rate warm-up can be "best": it has not trained at its rate.
         self.first_candidate = min(self.cfg.train.warmup_epochs, self.cfg.train.epochs - 1)
+        self.writer = CheckpointWriter(save_checkpoint)  # best.pt and last.pt, rank 0
 
     def run(self, state: dict[str, Any] | None) -> None:
+        """The epochs from the start or after `state`'s; returns once every checkpoint is on
+        disk (an error or Ctrl-C, too, waits for the epochs already finished)."""
         first_epoch = 0
         if state is not None:
             first_epoch = self._restore(state)
         patience = self.cfg.train.patience
-        for epoch in range(first_epoch, self.cfg.train.epochs):
-            if self.stale and patience and self.stale >= patience:
-                break  # a resumed run that had already stopped early
-            self._epoch(epoch)
-            if patience and self.stale >= patience:
-                log.info("early stop at epoch %d (best epoch %d)", epoch, self.best_epoch)
-                break
+        try:
+            for epoch in range(first_epoch, self.cfg.train.epochs):
+                if self.stale and patience and self.stale >= patience:
+                    break  # a resumed run that had already stopped early
+                self._epoch(epoch)
+                if patience and self.stale >= patience:
+                    log.info("early stop at epoch %d (best epoch %d)", epoch, self.best_epoch)
+                    break
+        finally:
+            self.writer.flush()
 
     def _restore(self, state: dict[str, Any]) -> int:
         self.trainer.restore(state)
@@ -165,7 +173,7 @@ class EpochLoop:
         if not self.setup.main:
             return
         trainer, scaler = self.trainer, self.setup.precision.scaler
-        save_checkpoint({
+        self.writer.save({
             **trainer.state(), "epoch": epoch, "history": self.history,
             "best_score": self.best_score, "best_epoch": self.best_epoch, "stale": self.stale,
             "chosen_score": self.chosen_score,
@@ -204,9 +212,9 @@ class EpochLoop:
         if keep:
             self.best_epoch, self.chosen_score, self.best_output = epoch, score, full
             if self.setup.main:  # every rank holds the same weights
-                save_best(self.setup.best_checkpoint(self.trainer.scored, epoch, metrics,
-                                                     self.tracker.run_id),
-                          self.setup.run_dir / BEST_FILE)
+                best = self.setup.best_checkpoint(self.trainer.scored, epoch, metrics,
+                                                  self.tracker.run_id)
+                self.writer.save(best.to_dict(), self.setup.run_dir / BEST_FILE)
 
     def _check_learning(self, epoch: int) -> None:
         warning = (learning_warning(self.history, self.cfg.train.learning_check_epoch,
