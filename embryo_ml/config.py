@@ -132,6 +132,10 @@ class TrainConfig(_Section):
         1.0, gt=0.0, le=1.0, description="train the first epoch at this fraction of "
         "data.image_size, growing linearly to the full size at 85% of the epochs; validation "
         "and the exported model always use the full size (embryo_ml.train.resolution); 1 = off")
+    validate_warmup: bool = Field(
+        False, description="also validate the learning-rate warm-up epochs, which are never "
+        "chosen as the best (false saves one validation pass each; their history.csv row has "
+        "no val_ columns)")
     learning_check_epoch: int = Field(
         2, ge=0, description="after this epoch (0-based), warn when the training loss has not "
         "fallen below the loss of a constant prediction; 0 = no check")

@@ -69,18 +69,22 @@ def roc_figure(y_true: np.ndarray, p_positive: np.ndarray, positive_class: str) 
 
 def training_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     """Loss (left) and validation AUC (right) per epoch; the right panel also shows the
-    within-group AUC that selects the checkpoint (`val_within_<column>_auc`) when there is one."""
+    within-group AUC that selects the checkpoint (`val_within_<column>_auc`) when there is one.
+    Epochs that were not validated (warm-up, `train.validate_warmup`) have no validation point;
+    validation points are marked, so that a single one shows."""
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = _figure((8, 3.2), ncols=2)
     left.plot(epochs, [row["train_loss"] for row in history], label="train")
-    left.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    left.plot(epochs, [row.get("val_loss", np.nan) for row in history], marker=".",
+              label="validation")
     left.set_xlabel("epoch")
     left.set_title("loss")
     left.legend()
-    right.plot(epochs, [row["val_auc"] for row in history], c="C2", label="overall")
+    right.plot(epochs, [row.get("val_auc", np.nan) for row in history], c="C2", marker=".",
+               label="overall")
     within = sorted({k for row in history for k in row if k.startswith("val_within_")})
     for i, key in enumerate(within):
-        right.plot(epochs, [row.get(key, np.nan) for row in history], c=f"C{3 + i}",
+        right.plot(epochs, [row.get(key, np.nan) for row in history], c=f"C{3 + i}", marker=".",
                    label=key.removeprefix("val_").replace("_", " "))
     if within:
         right.legend(fontsize="small")

@@ -1,7 +1,8 @@
 """The epochs of a validation run: train, evaluate, log, keep the best checkpoint, save `last.pt`.
 
 The best epoch is chosen by a metric a small subgroup cannot dominate
-(`embryo_ml.evaluation.selection`), never during the learning-rate warm-up; with
+(`embryo_ml.evaluation.selection`), never during the learning-rate warm-up (whose epochs are
+not validated at all unless `train.validate_warmup`: a pass that cannot change the outcome); with
 `train.select_within_se` a later epoch within one standard error of the best is preferred.
 `last.pt` after every epoch holds all `--resume` needs to continue exactly. Both checkpoints are
 written on a background thread while the next epoch trains (`embryo_ml.train.background_save`);
@@ -138,23 +139,26 @@ class EpochLoop:
         setup, trainer = self.setup, self.trainer
         train_loss = trainer.run_epoch(epoch, setup.device, setup.precision, setup.context,
                                        setup.progress and setup.main)
-        full = evaluate_all(trainer.scored, self.val_loader, setup.device, trainer.criterion,
-                            setup.precision, setup.context)
-        metrics, out = self._metrics(full)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": out.loss,
-               **{f"val_{k}": v for k, v in metrics.items()},
-               "lr": trainer.optimizer.param_groups[-1]["lr"], "train_side": trainer.side(epoch),
-               "epoch_seconds": time.perf_counter() - started}
+        validated = epoch >= self.first_candidate or self.cfg.train.validate_warmup
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
+        if validated:
+            full = evaluate_all(trainer.scored, self.val_loader, setup.device,
+                                trainer.criterion, setup.precision, setup.context)
+            metrics, out = self._metrics(full)
+            row |= {"val_loss": out.loss, **{f"val_{k}": v for k, v in metrics.items()}}
+        row |= {"lr": trainer.optimizer.param_groups[-1]["lr"],
+                "train_side": trainer.side(epoch), "epoch_seconds": time.perf_counter() - started}
         self.history.append(row)
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         if setup.main:
             atomic_write_text(setup.run_dir / HISTORY_FILE,
                               pd.DataFrame(self.history).to_csv(index=False))
-        self._choose(epoch, metrics, out.loss, full)
+        if validated:
+            self._choose(epoch, metrics, out.loss, full)
         self._check_learning(epoch)
         self._save_last(epoch)
         if setup.progress and setup.main:
-            self._print(epoch, train_loss, out.loss, metrics, row)
+            self._print(epoch, train_loss, row)
 
     def _metrics(self, full: EvalOutput) -> tuple[dict[str, float], EvalOutput]:
         """The epoch's validation metrics (the main classes', the grade heads' accuracies, the
@@ -181,15 +185,17 @@ class EpochLoop:
             "scaler": scaler.state_dict() if scaler else None,
         }, self.setup.run_dir / LAST_FILE)
 
-    def _print(self, epoch: int, train_loss: float, val_loss: float,
-               metrics: dict[str, float], row: dict[str, Any]) -> None:
-        chosen = ("" if self.selection.metric == "auc" else
-                  f"  val_{self.selection.metric} {metrics[self.selection.metric]:.4f}")
+    def _print(self, epoch: int, train_loss: float, row: dict[str, Any]) -> None:
         side = ("" if row["train_side"] == self.cfg.data.image_size else
                 f", trained at {row['train_side']} px")
-        print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-              f"val_auc {metrics['auc']:.4f}{chosen}  ({row['epoch_seconds']:.1f}s{side})",
-              flush=True)
+        if "val_loss" not in row:
+            validation = "warm-up epoch, not validated (never chosen)"
+        else:
+            chosen = ("" if self.selection.metric == "auc" else
+                      f"  val_{self.selection.metric} {row[f'val_{self.selection.metric}']:.4f}")
+            validation = f"val_loss {row['val_loss']:.4f}  val_auc {row['val_auc']:.4f}{chosen}"
+        print(f"epoch {epoch:3d}  train_loss {train_loss:.4f}  {validation}  "
+              f"({row['epoch_seconds']:.1f}s{side})", flush=True)
 
     def _choose(self, epoch: int, metrics: dict[str, float], val_loss: float,
                 full: EvalOutput) -> None:

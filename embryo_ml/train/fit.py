@@ -77,7 +77,6 @@ from embryo_ml.train.tracking import (
     RunTracker,
     check_reachable,
     git_commit,
-    prepare_store,
     resolve_tracking_uri,
 )
 from embryo_ml.train.trainer import Trainer, build_trainer, loader_args
@@ -175,8 +174,6 @@ def _fit(
         device = torch.device("cuda", context.local_rank)
     precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device)
     model, recipe, inputs = build_run_model(cfg, run, device, precision)  # may refuse offline
-    if context.is_main:  # mlflow's imports and store, while the images load (2-4 s)
-        prepare_store(cfg.tracking.tracking_uri, cfg.tracking.experiment)
     setup = RunSetup(cfg, run, inputs, device, precision, context, run_dir, progress)
     if recipe.weights == "file" and context.is_main:
         setup.pretraining = pretraining_check(cfg, run.table.iloc[run.val_idx], inputs.mean,

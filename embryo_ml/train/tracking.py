@@ -21,43 +21,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import Any
+
+import mlflow
+from matplotlib.figure import Figure
 
 from embryo_ml.errors import TrackingError
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _MAX_PARAM_LENGTH = 6000
-
-
-def _mlflow() -> ModuleType:
-    """mlflow, imported on first use: its imports take 1.5-3 s, which `prepare_store` overlaps
-    with loading the images and building the model."""
-    import mlflow
-
-    return mlflow
-
-
-# (tracking uri, experiment) -> the background creation of that store and experiment
-_STORES_BEING_PREPARED: dict[tuple[str, str], Future[None]] = {}
-
-
-def prepare_store(tracking_uri: str | None, experiment: str) -> None:
-    """Import mlflow and open the store (a new sqlite file: its tables, ~1.4 s) and experiment on
-    a background thread, while training loads its images and builds its model; the
-    `RunTracker` of the same store waits for it, and raises what it raised. On 2 CPU cores this
-    takes 2-4 s off every `train` run."""
-    uri = resolve_tracking_uri(tracking_uri)
-    if (uri, experiment) in _STORES_BEING_PREPARED:
-        return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="embryo-ml-mlflow")
-    _STORES_BEING_PREPARED[uri, experiment] = pool.submit(_create_experiment, uri, experiment)
-    pool.shutdown(wait=False)  # the thread ends with its one job
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -157,11 +131,11 @@ def artifact_root(uri: str) -> str | None:
 
 
 def _create_experiment(uri: str, name: str) -> None:
-    client = _mlflow().MlflowClient(uri)
+    client = mlflow.MlflowClient(uri)
     if client.get_experiment_by_name(name) is None:
         try:
             client.create_experiment(name, artifact_location=artifact_root(uri))
-        except _mlflow().exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException:
             if client.get_experiment_by_name(name) is None:  # not a concurrent creation
                 raise
 
@@ -184,18 +158,14 @@ class RunTracker:
 
     def __enter__(self) -> RunTracker:
         check_reachable(self.tracking_uri)
-        prepared = _STORES_BEING_PREPARED.pop((self.tracking_uri, self.experiment), None)
-        _mlflow().set_tracking_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
         try:
-            if prepared is not None:
-                prepared.result()
-            else:
-                _create_experiment(self.tracking_uri, self.experiment)
-            experiment = _mlflow().set_experiment(self.experiment)
+            _create_experiment(self.tracking_uri, self.experiment)
+            experiment = mlflow.set_experiment(self.experiment)
             if self.run_id:
-                run = _mlflow().start_run(run_id=self.run_id, nested=self.nested)
+                run = mlflow.start_run(run_id=self.run_id, nested=self.nested)
             else:
-                run = _mlflow().start_run(run_name=self.run_name, nested=self.nested)
+                run = mlflow.start_run(run_name=self.run_name, nested=self.nested)
         except Exception as error:  # mlflow raises many types for a bad store
             raise TrackingError(f"cannot use MLflow store {self.tracking_uri}: {error}") from None
         self.experiment_id = experiment.experiment_id
@@ -211,41 +181,41 @@ class RunTracker:
         status = "FINISHED" if exc_type is None else (
             "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         )
-        _mlflow().end_run(status=status)
+        mlflow.end_run(status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Logged as text; paths and credentials as `loggable` makes them (privacy)."""
         clean = {k: str(loggable(k, v))[:_MAX_PARAM_LENGTH] for k, v in params.items()}
-        _mlflow().log_params(clean)
+        mlflow.log_params(clean)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        _mlflow().set_tags({k: str(loggable(k, v)) for k, v in tags.items() if v is not None})
+        mlflow.set_tags({k: str(loggable(k, v)) for k, v in tags.items() if v is not None})
 
     def log_config(self, tree: Mapping[str, Any], name: str = "config.yaml") -> None:
         """The resolved config as an artifact, with its paths hashed as in the params (the
         run folder keeps the config itself, paths and all, for `--resume`)."""
-        _mlflow().log_dict(redact_tree(tree), name)
+        mlflow.log_dict(redact_tree(tree), name)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         finite = {k: float(v) for k, v in metrics.items() if v == v}  # MLflow rejects NaN
-        _mlflow().log_metrics(finite, step=step)
+        mlflow.log_metrics(finite, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        _mlflow().log_artifact(str(path), artifact_path=folder)
+        mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_figure(self, figure: Figure, name: str) -> None:
         import matplotlib.pyplot as plt
 
-        _mlflow().log_figure(figure, name)
+        mlflow.log_figure(figure, name)
         plt.close(figure)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        _mlflow().log_dict(dict(data), name)
+        mlflow.log_dict(dict(data), name)
 
 
 def run_summary(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """Params, latest metrics, tags and top-level artifact paths of a run (for tests and CLI)."""
-    client = _mlflow().MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
     run = client.get_run(run_id)
 
     def walk(path: str | None) -> list[str]:
@@ -290,10 +260,10 @@ class NullTracker:
 def run_experiment_name(run_id: str, tracking_uri: str | None = None) -> str | None:
     """The experiment of `run_id`, or None when the store has no such run."""
     uri = resolve_tracking_uri(tracking_uri)
-    client = _mlflow().MlflowClient(uri)
+    client = mlflow.MlflowClient(uri)
     try:
         run = client.get_run(run_id)
-    except _mlflow().exceptions.MlflowException as error:
+    except mlflow.exceptions.MlflowException as error:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
             return None
         raise TrackingError(f"cannot use MLflow store {uri}: {error.message}") from None
@@ -308,11 +278,11 @@ def register_model(
     `alias` at it (aliases, not stages: MLflow 3). Returns the new version number as text."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    client = _mlflow().MlflowClient(uri)
+    client = mlflow.MlflowClient(uri)
     try:
         try:
             client.create_registered_model(name)
-        except _mlflow().exceptions.MlflowException as error:
+        except mlflow.exceptions.MlflowException as error:
             if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
         # MLflow 3 logged models are `models:/m-<hex>`; other URIs (runs:/, a path) have no id.
@@ -323,7 +293,7 @@ def register_model(
                                               model_id=model_id)
         if alias:
             client.set_registered_model_alias(name, alias, version.version)
-    except _mlflow().exceptions.MlflowException as error:
+    except mlflow.exceptions.MlflowException as error:
         raise TrackingError(f"cannot register {model_uri} as {name!r} in {uri}: "
                             f"{error.message}") from None
     return str(version.version)
