@@ -113,6 +113,27 @@ def test_variant_names_round_trip(bench):
     assert total == pytest.approx(7.5) and warm == pytest.approx(10.0)
 
 
+def test_clinic_skew_makes_the_day_predict_the_label_and_keeps_groups_whole(bench):
+    """Stage-grade's layout (50 per stage x grade, some duplicate pairs): after --clinic-skew the
+    good share per day is the target, blastocysts are untouched, no duplicate group is split."""
+    import pandas as pd
+
+    module = bench("recipe_real")
+    rows = [{"day": day, "label": "poor" if grade == "C" else "good", "grade": grade,
+             "patient_id": f"{day}{grade}{i // 2 if i < 10 else i}"}  # the first 10: pairs
+            for day in (3, 4, 5) for grade in "ABC" for i in range(50)]
+    table = pd.DataFrame(rows)
+    skewed = module.clinic_skew(table, seed=0)
+    share = skewed.groupby("day")["label"].apply(lambda labels: (labels == "good").mean())
+    for day, target in module.SKEWED_GOOD_SHARE.items():
+        assert share[day] == pytest.approx(target, abs=0.02)
+    assert (skewed["day"] == 5).sum() == 150
+    sizes = table.groupby("patient_id").size()
+    kept = skewed.groupby("patient_id").size()
+    assert (kept == sizes[kept.index]).all(), "a duplicate group is kept whole or dropped whole"
+    assert module.clinic_skew(table, seed=0).equals(skewed)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "stage-grade").is_dir(),
                     reason=f"{SHARED_DATA / 'stage-grade'} absent (set EMBRYO_ML_SHARED_DATA)")
@@ -125,11 +146,11 @@ def test_recipe_real_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "recipe.json"
     code = module.main(["--folds", "2", "--epochs", "1", "--size", "32", "--model",
                         "test_resnet", "--n-boot", "20", "--recipes", "default", "plain",
-                        "--work", str(tmp_path / "work"), "--json", str(out)])
+                        "day-only", "--work", str(tmp_path / "work"), "--json", str(out)])
     assert code == 0
     predictions = pd.read_csv(tmp_path / "work" / "predictions.csv")
-    assert predictions.groupby("recipe")["path"].nunique().to_dict() == {"default": 450,
-                                                                          "plain": 450}
+    assert predictions.groupby("recipe")["path"].nunique().to_dict() == {
+        "default": 450, "plain": 450, "day-only": 450}
     groups = predictions.drop_duplicates("path").groupby("patient_id")["fold"].nunique()
     assert (groups == 1).all()  # duplicates never on both sides
     results = json.loads(out.read_text())["results"]
@@ -137,6 +158,8 @@ def test_recipe_real_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixture[
         assert 0.0 <= results[recipe]["auc"] <= 1.0
         low, high = results[recipe]["auc_ci"]
         assert low <= high
+    # every stage has the same good share in stage-grade: the day alone predicts nothing
+    assert results["day-only"]["auc"] == pytest.approx(0.5, abs=0.05)
 
 
 @pytest.mark.slow
