@@ -26,9 +26,11 @@ def _fit_counting_validations(synth_data: Path, tmp_path: Path, monkeypatch: pyt
         return real_evaluate(*args, **kwargs)
 
     history = tmp_path / "run" / "history.csv"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     monkeypatch.setattr(epochs_module, "evaluate_all", counting)
     cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=4",
-                      "train.warmup_epochs=2", "tracking.log_checkpoint=false", *overrides)
+                      "train.warmup_epochs=2", "tracking.log_checkpoint=false",
+                      "model.drop_rate=0.5", *overrides)  # dropout draws from torch's stream
     fit_module.fit(cfg, synth_data, tmp_path / "run", progress=True)
     return pd.read_csv(history), validated
 
@@ -50,9 +52,14 @@ def test_warmup_epochs_are_trained_not_validated(synth_data: Path, tmp_path: Pat
     assert last["epoch"] == 3 and len(last["history"]) == 4, "last.pt on disk when fit returns"
 
 
-def test_validate_warmup_validates_every_epoch(synth_data: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    history, validated = _fit_counting_validations(synth_data, tmp_path, monkeypatch,
+def test_validate_warmup_validates_every_epoch_and_trains_the_same(
+        synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation draws no number from the training run's random stream: the same seed trains
+    the same model whether or not the warm-up epochs are validated."""
+    skipped, _ = _fit_counting_validations(synth_data, tmp_path / "skip", monkeypatch)
+    history, validated = _fit_counting_validations(synth_data, tmp_path / "all", monkeypatch,
                                                    "train.validate_warmup=true")
     assert validated == [0, 1, 2, 3]
     assert history["val_loss"].notna().all()
+    assert history["train_loss"].tolist() == skipped["train_loss"].tolist()
+    assert history["val_auc"].iloc[2:].tolist() == skipped["val_auc"].iloc[2:].tolist()

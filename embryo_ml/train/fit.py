@@ -217,13 +217,16 @@ def _start_run_folder(setup: RunSetup, source: str | os.PathLike[str]) -> None:
 
 
 def _validation_loader(setup: RunSetup) -> DataLoader:
-    """The validation images in order, this rank's slice of them under DDP."""
+    """The validation images in order, this rank's slice of them under DDP. The loader draws
+    its worker seed from a generator of its own: whether and when an epoch is validated
+    (`train.validate_warmup`, a resumed run) never moves the training run's random stream."""
     run, inputs, context = setup.run, setup.inputs, setup.context
     val_set = inputs.dataset([run.paths[i] for i in run.val_idx], run.item_targets[run.val_idx],
                              build_eval_transform(inputs.size, inputs.mean, inputs.std))
     val_shard = (Subset(val_set, shard_indices(len(val_set), context)) if context.enabled
                  else val_set)
-    return DataLoader(val_shard, shuffle=False, **loader_args(setup.cfg, setup.device))
+    return DataLoader(val_shard, shuffle=False, generator=torch.Generator().manual_seed(
+        setup.cfg.seed), **loader_args(setup.cfg, setup.device))
 
 
 def _tracker(setup: RunSetup, state: dict[str, Any] | None,
