@@ -392,6 +392,23 @@ def test_report_checks_the_signature(
     assert html.is_file()
 
 
+def test_explain_checks_the_signature(
+    bundle: Path, images: Path, keys: dict[str, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, out = sorted(images.iterdir())[0], tmp_path / "overlay.png"
+    explain = ["-q", "explain", str(image), "--bundle", str(bundle), "--out", str(out)]
+    assert main([*explain, "--trusted-key", str(keys["team.pub"])]) == 2  # unsigned
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "is not signed" in err[0], err
+    assert not out.exists()  # refused before any work
+    assert main(["sign", str(bundle), "--key", str(keys["team"])]) == 0
+    assert main([*explain, "--trusted-key", str(keys["other.pub"])]) == 2
+    assert "not a trusted key" in capsys.readouterr().err
+    assert main([*explain, "--trusted-key", str(keys["team.pub"])]) == 0
+    assert out.is_file()
+
+
 def test_export_sign_writes_a_signature_the_scorer_accepts(
     trained_run: dict, keys: dict[str, Path], images: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

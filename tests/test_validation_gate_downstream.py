@@ -329,6 +329,18 @@ def test_report_command_warns_like_score(
     assert len(err) == 1 and err[0].startswith("warning: this model FAILED"), err
 
 
+def test_explain_warns_like_score(
+    exported: dict, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = sorted(images.iterdir())[0]
+    out = tmp_path / "overlay.png"
+    assert main(["-q", "explain", str(image), "--bundle", str(exported["failed"].bundle),
+                 "--out", str(out)]) == 0
+    assert out.is_file()  # the heatmap is still made, for inspection
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("warning: this model FAILED"), err
+
+
 @pytest.fixture(scope="module")
 def browser() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")

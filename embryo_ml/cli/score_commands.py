@@ -198,15 +198,19 @@ def add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="class_name", metavar="NAME",
                         help="show the evidence for this class (default: the predicted class)")
     add_threads(parser)
+    add_trusted_key(parser)
     parser.set_defaults(func=run_explain)
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    """A heatmap is a score too: the same signature check and validation warning as `score`."""
     from embryo_ml.score.explain import explain_image
 
+    _check_trusted(args.bundle, args.trusted_key)
     result = explain_image(args.image, args.bundle, args.out, class_name=args.class_name,
                            threads=args.threads)
     print(f"score {result.score:.4f} (calibrated probability of {result.positive_class!r}); "
           f"heatmap of the evidence for {result.class_name!r}")
     print(f"wrote {args.out} (left: the image, right: the heatmap over it)")
+    _warn_about_bundle(args.bundle)  # after the work: an error stays the only line
     return 0
