@@ -173,7 +173,10 @@ def test_held_out_images_like_the_training_ones_are_rarely_flagged(
     sets = prediction_sets(probs, bundle.conformal, bundle.classes)
     for c, name in enumerate(bundle.classes):
         own = (merged["label"] == name).to_numpy()
-        assert abs(sets[own, c].mean() - 0.9) <= 0.03, (name, sets[own, c].mean())
+        # ~300 calibration and 400 test images a class: one run's coverage varies by ~0.023
+        # (binomial, both sets), so +-0.06 is ~2.6 SD (an AMD EPYC's model gave 0.868); a
+        # broken quantile (coverage 0.5 or 1.0) still fails.
+        assert abs(sets[own, c].mean() - 0.9) <= 0.06, (name, sets[own, c].mean())
     uncertain = (sets.sum(axis=1) != 1)
     np.testing.assert_array_equal(
         merged["flags"].str.split(";").apply(lambda f: "uncertain" in f).to_numpy(), uncertain)
