@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                                   ("pretrained", [f"model.pretrained_file={weights}"])):
             if predictions.has(recipe, fold):
                 continue
-            p, seconds = run_toolkit(train, test, overrides,
-                                     args.work / f"{recipe}-fold{fold}", args)
+            p, _, seconds = run_toolkit(train, test, overrides,
+                                        args.work / f"{recipe}-fold{fold}", args)
             rows = predictions.add(test, p, recipe, seconds)
             print(f"fold {fold} {recipe:<10} auc {scores(rows)['auc']:.3f}  day-5 auc "
                   f"{scores(rows)['day5_auc']:.3f} ({seconds:.0f} s)", flush=True)

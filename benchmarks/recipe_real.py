@@ -26,6 +26,11 @@ Each fold's held-out images are scored by each recipe's model, trained on the ot
   rotation, cross-entropy, all training-fold images, last epoch), the loop a tutorial writes.
 All use resnet18, no pretrained weights, the same size and number of epochs.
 
+A toolkit recipe's held-out scores are those `embryo-ml score` gives for a manifest with the
+day: the run's temperature and, where the run fit one, its day prior
+(`embryo_ml.evaluation.prior`: only where the day predicts the label, as with `--clinic-skew`).
+Then the same model's scores from the image alone are reported too, as `<recipe> (image alone)`.
+
 Reported per recipe: held-out ROC AUC, within-stage AUC pooled over same-stage pairs, and the
 blastocyst-only ("day 5") AUC, as mean over folds with a 95% interval from a patient bootstrap
 of the pooled out-of-fold predictions.
@@ -121,14 +126,19 @@ def folds_of(table: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
 
 
 def run_toolkit(train: pd.DataFrame, test: pd.DataFrame, overrides: list[str], work: Path,
-                args: argparse.Namespace) -> tuple[np.ndarray, float]:
-    """Train with `configs/default.yaml` + overrides on `train`; p(good) on `test`."""
+                args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, float]:
+    """Train with `configs/default.yaml` + overrides on `train`; p(good) on `test` as
+    `embryo-ml score` computes it from a manifest with the day (the run's temperature and day
+    prior, when it has one), and from the image alone."""
+    import json
+
     import torch
 
     from embryo_ml.config import load_config
     from embryo_ml.data.images import read_image
     from embryo_ml.data.preprocess import decode_side
     from embryo_ml.data.transforms import build_eval_transform
+    from embryo_ml.evaluation.prior import apply_prior, prior_value, two_class_margin
     from embryo_ml.export.onnx_export import load_run_model
     from embryo_ml.train.fit import fit
 
@@ -151,7 +161,13 @@ def run_toolkit(train: pd.DataFrame, test: pd.DataFrame, overrides: list[str], w
     with torch.inference_mode():
         logits = model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
     good = checkpoint["classes"].index("good")
-    return _softmax(logits)[:, good], seconds
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    image_alone = _softmax(logits / metrics["temperature"])
+    scored = image_alone
+    if metrics.get("prior"):
+        scored = apply_prior(image_alone, two_class_margin(logits, good),
+                             [prior_value(v) for v in test["day"]], metrics["prior"], good)[0]
+    return scored[:, good], image_alone[:, good], seconds
 
 
 def run_plain(train: pd.DataFrame, test: pd.DataFrame, args: argparse.Namespace
@@ -318,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                 p, seconds = test["day"].map(train.groupby("day")["label"].apply(
                     lambda labels: (labels == "good").mean())).to_numpy(float), 0.0
             else:
-                p, seconds = run_toolkit(train, test, recipes[recipe],
-                                         args.work / f"{recipe}-fold{fold}", args)
+                p, alone, seconds = run_toolkit(train, test, recipes[recipe],
+                                                args.work / f"{recipe}-fold{fold}", args)
+                if not np.allclose(p, alone):  # a day prior applied: keep the image alone too
+                    predictions.add(test, alone, f"{recipe} (image alone)", seconds)
             rows = predictions.add(test, p, recipe, seconds)
             print(f"fold {fold} {recipe:<8} auc {scores(rows)['auc']:.3f}  "
                   f"({seconds:.0f} s)", flush=True)

@@ -168,6 +168,10 @@ class CalibrationConfig(_Section):
     )
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    prior_column: str | None = Field(
+        "day", min_length=1, description="two classes: fit a logit offset per value of this "
+        "column beside the temperature (embryo_ml.evaluation.prior), applied when a scored "
+        "manifest has the column; null = the image alone")
 
 
 class EvalConfig(_Section):

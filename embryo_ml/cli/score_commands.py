@@ -162,6 +162,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise
     _print_scored(summary)
     warn(summary.validation_warning)  # beside the results it qualifies
+    warn(summary.prior_warning)  # images scored without the day prior the model was fit with
     warn(shift_warning(summary.shift))  # `warning: dataset shift: ...` for a shifted run
     if args.report is not None:
         _write_report(args, summary.out, args.images)

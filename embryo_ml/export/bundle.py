@@ -55,6 +55,7 @@ from embryo_ml.export.bundle_checks import (
     is_text,
     model_problem,
     ood_problem,
+    prior_problem,
     provenance_problem,
     quality_problem,
 )
@@ -114,6 +115,11 @@ class Bundle:
     # Class-conditional split-conformal prediction sets (embryo_ml.evaluation.conformal): {"alpha",
     # "score", "quantiles": {class: q}, "n_calibration": {class: n}}. None = no `uncertain` flag.
     conformal: dict[str, Any] | None = None
+    # The day prior (embryo_ml.evaluation.prior): {"column", "temperature", "offsets": {value:
+    # logit offset}, "rates", "n_calibration", ...}, applied where the scored manifest has the
+    # column; `temperature` and `threshold` serve both. None = the
+    # image alone (more than two classes, no such column, or a bundle from before it).
+    prior: dict[str, Any] | None = None
     # The facts of MODEL_CARD.md (embryo_ml.export.model_card); None = no model card.
     model_card: dict[str, Any] | None = None
     model_card_sha256: str | None = None  # of MODEL_CARD.md; set with `model_card`
@@ -313,7 +319,7 @@ def _files_problem(b: Bundle) -> str | None:
 
 
 _PROBLEMS = (model_problem, input_problem, heads_problem, _files_problem, ood_problem,
-             conformal_problem, quality_problem, provenance_problem)
+             conformal_problem, prior_problem, quality_problem, provenance_problem)
 
 
 def bundle_problem(bundle: Bundle) -> str | None:

@@ -197,6 +197,27 @@ def conformal_problem(b: Bundle) -> str | None:
     return None
 
 
+def prior_problem(b: Bundle) -> str | None:
+    """The day prior: two classes, a column name, a temperature > 0 and one finite logit offset
+    per value (`embryo_ml.evaluation.prior`)."""
+    record = b.prior
+    if not isinstance(record, dict):
+        return _not_an_object("prior", record)
+    if len(b.classes) != 2:
+        return f"'prior' needs two classes, the bundle has {len(b.classes)}"
+    if not is_text(record.get("column")):
+        return f"'prior' 'column' must be a column name, got {record.get('column')!r}"
+    temperature = record.get("temperature")
+    if not (_finite(temperature) and temperature > 0):
+        return f"'prior' 'temperature' must be a finite number > 0, got {temperature!r}"
+    offsets = record.get("offsets")
+    if not (isinstance(offsets, dict) and offsets
+            and all(is_text(k) and _finite(v) for k, v in offsets.items())):
+        return (f"'prior' 'offsets' must map each value of {record.get('column')!r} to a finite "
+                f"number, got {offsets!r}")
+    return None
+
+
 def quality_problem(b: Bundle) -> str | None:
     """The pixel-quality and energy thresholds, judged by `QualityThresholds` itself."""
     if not isinstance(b.quality, dict):

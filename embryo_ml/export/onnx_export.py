@@ -204,6 +204,7 @@ def _assemble(staging: Path, model: nn.Module, source: _Source,
         cam_output=CAM_OUTPUT if "parity_cam_max_rel_diff" in parity else None,
         int8=int8_entry, ood=ood,
         conformal=conformal_record(source.run_dir, classes, source.trust.conformal_alpha),
+        prior=metrics.get("prior"),
         validation=bundle_validation(validation),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )

@@ -104,6 +104,11 @@ def _model_facts(bundle: Bundle) -> list[tuple[str, object]]:
         ("Decision threshold", f"{bundle.threshold:.3f}"),
         ("Validation check", _validation_fact(bundle)),
     ]
+    if bundle.prior:
+        column = bundle.prior["column"]
+        offsets = ", ".join(f"{column} {k}: {v:+.2f}" for k, v in bundle.prior["offsets"].items())
+        model.insert(8, ("Day prior", f"where the manifest gives the {column}, the score adds its "
+                                      f"logit offset ({offsets}); without it, the image alone"))
     if bundle.heads:
         model.append(("Extra heads", ", ".join(bundle.heads)))
     return model

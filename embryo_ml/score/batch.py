@@ -8,7 +8,9 @@ image, in order. A file that cannot be decoded gets a row whose `status` says wh
 Columns of an `ok` row (`score_columns`):
 
 - `score`: the calibrated probability p of the positive class, softmax(logits / T)[positive] with
-  the bundle's temperature T, over the main classes only (`logits[:, :len(classes)]`).
+  the bundle's temperature T, over the main classes only (`logits[:, :len(classes)]`); with a
+  day prior in the bundle and the image's day in the manifest, sigmoid(margin / T_day +
+  offset[day]) instead (`embryo_ml.evaluation.prior`).
 - `display_score`: p on a 1-10 scale for people, `clip(ceil(10 * p), 1, 10)`: "7" means a
   calibrated probability above 60% and at most 70%; p = 0 and p = 0.1 show 1, p = 1 shows 10.
 - `label_pred`: the bundle's threshold applied to p (two classes), else the most probable class.
@@ -32,6 +34,7 @@ import numpy as np
 from embryo_ml.data.heads import Heads, grade_column_names, main_logits, predicted_grades
 from embryo_ml.data.quality import join_flags
 from embryo_ml.errors import ImageReadError
+from embryo_ml.evaluation.prior import apply_prior, two_class_margin
 from embryo_ml.export.bundle import Bundle
 from embryo_ml.numeric import softmax
 from embryo_ml.score.cohort import display_score
@@ -112,11 +115,24 @@ def _model_columns(scorer: OnnxScorer, images: list[LoadedImage]
         logits, features = scorer.outputs(pixels)
         plain = logits
     scorer.check_width(logits.shape[1])
-    probs = softmax(main_logits(logits, len(bundle.classes)), bundle.temperature)
+    probs = calibrated(bundle, main_logits(logits, len(bundle.classes)),
+                       [image.item.prior_value for image in images])
     model_flags = scorer.model_flags(plain, features)
     grades = predicted_grades(logits, bundle.heads or {})
     return [(flags, {**_probability_columns(bundle, p), **grade})
             for flags, p, grade in zip(model_flags, probs, grades, strict=True)]
+
+
+def calibrated(bundle: Bundle, main: np.ndarray, prior_values: Sequence[str]) -> np.ndarray:
+    """The main classes' calibrated probabilities: softmax(logits / T), with the day prior
+    (`Bundle.prior`) where the row's day has an offset. One threshold serves both: it is a
+    level of calibrated probability (a trade-off of errors), whichever facts the probability
+    was computed from."""
+    probs = softmax(main, bundle.temperature)
+    if bundle.prior is None:
+        return probs
+    margin = two_class_margin(main, bundle.positive_index)
+    return apply_prior(probs, margin, prior_values, bundle.prior, bundle.positive_index)[0]
 
 
 def _probability_columns(bundle: Bundle, p: np.ndarray) -> dict[str, str]:

@@ -67,7 +67,7 @@ from embryo_ml.export.bundle import Bundle, identity, read_bundle, validation_wa
 from embryo_ml.score.batch import score_columns
 from embryo_ml.score.cluster import INSTALL_HINT, dask_client
 from embryo_ml.score.cohort import Cohorts
-from embryo_ml.score.items import ScoreItem, iter_items
+from embryo_ml.score.items import ScoreItem
 from embryo_ml.score.outputs import check_resumable, run_settings
 from embryo_ml.score.parts import (
     Staging,
@@ -80,6 +80,7 @@ from embryo_ml.score.scorer import (
     ScoringInterrupted,
     check_options,
     finish_scores,
+    prior_items,
     stop_on_signals,
 )
 from embryo_ml.score.session import OnnxScorer
@@ -321,7 +322,7 @@ def score_images_dask(
     regex = check_options(source, out, batch_size, aggregate, embryo_pattern, precision)
     _check_cluster_options(workers, scheduler, shard_size)
     bundle = read_bundle(bundle_dir)  # verifies the hash before anything else
-    items = iter_items(source, regex)
+    items, coverage = prior_items(source, regex, bundle)
     # The model is loaded here once too: a bundle it cannot run fails before any cluster starts.
     scorer = OnnxScorer(bundle, 1, max_pixels, tta=tta, precision=precision)
     settings = run_settings(bundle, scorer, embryo_pattern)
@@ -335,7 +336,9 @@ def score_images_dask(
         with dask_client(workers, scheduler, announce=progress) as client:
             run.stream(client, chain([first], remaining), whole_batches(shard_size, batch_size),
                        progress)
-    return run.finish()
+    summary = run.finish()
+    summary.prior_warning = coverage.warning() if coverage else None
+    return summary
 
 
 __all__ = ["DEFAULT_SHARD_SIZE", "INSTALL_HINT", "ShardsFailed", "score_images_dask"]

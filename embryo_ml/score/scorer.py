@@ -57,6 +57,7 @@ from embryo_ml.fileio import atomic_write_text
 from embryo_ml.score.batch import LoadedImage, load_item, score_batch, score_columns
 from embryo_ml.score.cohort import AGGREGATES, EMBRYO_COLUMNS, Cohorts
 from embryo_ml.score.items import (
+    PriorCoverage,
     ScoreItem,
     apply_embryo_pattern,
     compile_embryo_pattern,
@@ -100,6 +101,8 @@ class ScoreSummary:
     precision: str = "fp32"  # the model that scored: "fp32" or "int8"
     # Set when the model did not pass its validation check (`validation_warning`): say it.
     validation_warning: str | None = None
+    # Set when the bundle's day prior could not apply to some images (`PriorCoverage`).
+    prior_warning: str | None = None
     # The dataset-shift record of the whole output (`embryo_ml.score.shift.shift_record`), also
     # in the settings sidecar under "shift"; None until a run finishes.
     shift: dict[str, Any] | None = None
@@ -342,10 +345,21 @@ def score_images(
     out = Path(out)
     regex = check_options(source, out, batch_size, aggregate, embryo_pattern, precision)
     bundle = read_bundle(bundle_dir)  # verifies the hash before anything else
-    items = iter_items(source, regex)
+    items, coverage = prior_items(source, regex, bundle)
     scorer = OnnxScorer(bundle, threads, max_pixels, tta=tta, precision=precision)
     run = _Run(out, bundle, scorer, aggregate, run_settings(bundle, scorer, embryo_pattern))
     remaining = run.start(items, resume)
     run.stream(remaining, batch_size, workers or min(4, os.cpu_count() or 1), progress,
                append=resume)
-    return run.finish()
+    summary = run.finish()
+    summary.prior_warning = coverage.warning() if coverage else None
+    return summary
+
+
+def prior_items(source: str | os.PathLike[str], regex: re.Pattern[str] | None, bundle: Bundle
+                ) -> tuple[Iterator[ScoreItem], PriorCoverage | None]:
+    """The items to score, each with its day when the bundle has a day prior, and the counter
+    of those it cannot apply to (None without a prior)."""
+    coverage = PriorCoverage.of(bundle.prior)
+    items = iter_items(source, regex, coverage.column if coverage else None)
+    return (coverage.watch(items) if coverage else items), coverage

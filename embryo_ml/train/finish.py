@@ -31,6 +31,8 @@ from embryo_ml.evaluation.calibration import (
     fit_temperature,
 )
 from embryo_ml.evaluation.gate import FAILED, validation_verdict
+from embryo_ml.evaluation.metrics import roc_auc
+from embryo_ml.evaluation.prior import apply_prior, fit_prior, prior_value, two_class_margin
 from embryo_ml.evaluation.report import Evaluation, evaluate_predictions, evaluation_figures
 from embryo_ml.evaluation.selection import Selection
 from embryo_ml.fileio import atomic_write_text
@@ -90,6 +92,34 @@ def calibrate(
             "val_brier_after": brier_score(is_positive, scaled)}
 
 
+def day_prior(setup: RunSetup, out: EvalOutput, probs: np.ndarray, temperature: float,
+              cfg: CalibrationConfig) -> dict[str, Any] | None:
+    """The bundle's day prior (`embryo_ml.evaluation.prior`): offsets from the validation
+    images' scores and every labelled image's day, with the validation AUC with and without
+    it; None (logged) when it does not apply. The with-day AUC is optimistic: the offsets were
+    chosen on these images."""
+    run, column = setup.run, cfg.prior_column
+    if column is None or len(run.classes) != 2 or column not in run.table.columns:
+        return None
+    day = run.table[column]
+    values = [prior_value(v) for v in day.iloc[run.val_idx]]
+    margin = two_class_margin(out.logits, run.positive_index)
+    is_positive = out.targets == run.positive_index
+    labelled = np.concatenate([run.train_idx, run.val_idx])
+    record, note = fit_prior(margin / temperature, values, day.iloc[labelled].tolist(),
+                             (run.table["label"].iloc[labelled] == setup.cfg.data.positive_class
+                              ).to_numpy(), column, temperature)
+    log.info("%s", note)
+    if record is None:
+        return None
+    aware, used = apply_prior(probs, margin, values, record, run.positive_index)
+    p_aware, p_free = aware[:, run.positive_index], probs[:, run.positive_index]
+    record["val_auc_with_prior"] = float(roc_auc(is_positive, p_aware)[0])
+    record["val_auc_without_prior"] = float(roc_auc(is_positive, p_free)[0])
+    record["n_val_without_offset"] = int((~used).sum())
+    return record
+
+
 def quality_thresholds(
     train_paths: list[str], val_logits: np.ndarray, seed: int, max_pixels: int, size: int,
     sample: int = 300,
@@ -147,6 +177,7 @@ def validate_kept(setup: RunSetup, trainer: Trainer, selection: Selection, loop:
     out = main_output(full, len(run.classes))
     calibrated = calibrate(out.logits, out.targets, run.positive_index, cfg.calibration)
     probs = softmax(out.logits, calibrated["temperature"])
+    prior = day_prior(setup, out, probs, calibrated["temperature"], cfg.calibration)
     is_positive = out.targets == run.positive_index
     metrics = binary_metrics(is_positive, probs[:, run.positive_index], calibrated["threshold"])
     predicted = predict_classes(probs, run.positive_index, calibrated["threshold"])
@@ -162,7 +193,7 @@ def validate_kept(setup: RunSetup, trainer: Trainer, selection: Selection, loop:
              "select_metric": selection.metric, "selection_rule": selection.note,
              "best_score": loop.best_score, "chosen_score": loop.chosen_score,
              "select_within_se": cfg.train.select_within_se,
-             **calibrated, "best_epoch": loop.best_epoch,
+             **calibrated, "prior": prior, "best_epoch": loop.best_epoch,
              "epochs_run": len(loop.history), "n_train": len(run.train_idx),
              "n_val": len(run.val_idx), "classes": run.classes,
              "positive_class": cfg.data.positive_class,

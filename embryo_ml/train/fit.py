@@ -335,8 +335,8 @@ def _refit(setup: RunSetup, epochs: int, run_id: str | None) -> dict[str, Any]:
         print(f"refit: {epochs} epochs on {len(rows)} images, final train_loss {losses[-1]:.4f}",
               flush=True)
     return {"epochs": epochs, "n_images": len(rows), "train_loss": losses,
-            "calibration": "temperature and threshold fit on the validation run's held-out "
-            "predictions; the refit model has no held-out images of its own",
+            "calibration": "temperature, threshold and day prior fit on the validation run's "
+            "held-out predictions; the refit model has no held-out images of its own",
             "validation": "the verdict is the validation run's (selection.pt)"}
 
 
@@ -344,5 +344,12 @@ def print_verdict(metrics: dict[str, Any]) -> None:
     """The verdict line `train` ends with (and the learning warnings before it)."""
     for warning in metrics.get("learning_warnings") or []:
         print(f"  WARNING: {warning}")
+    prior = metrics.get("prior")
+    if prior:
+        offsets = ", ".join(f"{k} {v:+.2f}" for k, v in prior["offsets"].items())
+        print(f"day prior: scores of images whose manifest gives the '{prior['column']}' use it "
+              f"(logit offsets {offsets}); validation AUC {prior['val_auc_with_prior']:.3f} "
+              f"with it (optimistic: fit on these images), "
+              f"{prior['val_auc_without_prior']:.3f} from the image alone")
     if metrics.get("validation"):
         print(verdict_line(metrics["validation"]))
