@@ -251,6 +251,7 @@ def test_a_run_where_the_day_predicts_the_label_carries_its_prior_to_the_scores(
     bundle_dir = export_bundle(tmp_path / "run", tmp_path / "bundle").path
     bundle = read_bundle(bundle_dir)
     assert bundle.prior is not None and bundle.prior["offsets"] == prior["offsets"]
+    assert "Day prior on `day`: logit offsets" in (bundle_dir / "MODEL_CARD.md").read_text()
     with_day = score_images(manifest, bundle_dir, tmp_path / "with.csv", progress=False)
     assert with_day.prior_warning is None
     without = pd.read_csv(manifest).drop(columns="day")
@@ -269,3 +270,20 @@ def test_a_run_where_the_day_predicts_the_label_carries_its_prior_to_the_scores(
     off = tiny_config(tmp_path / "mlflow.db", *settings, "calibration.prior_column=null",
                       gate_undecided=True)
     assert fit(off, manifest, tmp_path / "run-off", progress=False).metrics["prior"] is None
+
+
+def test_the_served_model_reads_the_day_column_too(prior_bundle: Path, tmp_path: Path) -> None:
+    import base64
+
+    from embryo_ml.score.session import OnnxScorer
+    from embryo_ml.serving.pyfunc import model_signature, predict_frame
+
+    bundle = read_bundle(prior_bundle)
+    assert "day" in model_signature(bundle).inputs.input_names()
+    rgb = (200, 40, 0)
+    encoded = base64.b64encode(uniform_image(tmp_path / "one.png", rgb).read_bytes()).decode()
+    frame = pd.DataFrame({"image_base64": [encoded] * 3, "day": ["3", "5", None]})
+    scores = predict_frame(OnnxScorer(bundle), frame)["score"].tolist()
+    r, g, _ = features(rgb)
+    expected = [_sigmoid((r - g) / 2.0 + b) for b in (OFFSETS["3"], OFFSETS["5"], 0.0)]
+    assert scores == pytest.approx([float(e) for e in expected], abs=2e-6)

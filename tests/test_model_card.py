@@ -136,7 +136,8 @@ def test_the_card_figures_equal_metrics_json(trained_run: dict, bundle_dir: Path
         assert performance[key] == evaluation[key], key
     assert performance["confusion_matrix"] == metrics["val_confusion_matrix"]
     assert performance["calibration"] == {"temperature": metrics["temperature"],
-                                          "threshold": metrics["threshold"]}
+                                          "threshold": metrics["threshold"],
+                                          "prior": metrics["prior"]}
     assert facts["validation_check"] == metrics["validation"]
     assert facts["warnings"] == {"shortcut": metrics["shortcut_warnings"],
                                  "learning": metrics["learning_warnings"]}

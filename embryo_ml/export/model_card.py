@@ -184,6 +184,13 @@ def _performance_section(facts: dict[str, Any]) -> list[str]:
     lines += ["All validation figures (metrics.json):", ""]
     lines += _table(["metric", "value"], [[k, v] for k, v in (perf.get("metrics") or {}).items()])
     calibration, selection = perf.get("calibration") or {}, perf.get("selection") or {}
+    prior = calibration.get("prior")
+    if prior:
+        offsets = ", ".join(f"{k}: {_num(v)}" for k, v in prior["offsets"].items())
+        lines += [f"- Day prior on `{prior['column']}`: logit offsets {offsets}, applied where the "
+                  f"scored manifest gives the {prior['column']}; validation AUC "
+                  f"{_num(prior.get('val_auc_with_prior'))} with it (optimistic), "
+                  f"{_num(prior.get('val_auc_without_prior'))} from the image alone."]
     lines += [f"- Calibration temperature {_num(calibration.get('temperature'))}, decision "
               f"threshold {_num(calibration.get('threshold'))}.",
               f"- Checkpoint chosen by {selection.get('select_metric')} (epoch "

@@ -168,7 +168,7 @@ def performance(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return {"metrics": numbers, "confusion_matrix": metrics.get("val_confusion_matrix"),
             "overall": overall, "subgroups": [r for r in rows if r is not overall],
             **{k: evaluation.get(k) for k in keys},
-            "calibration": {k: metrics.get(k) for k in ("temperature", "threshold")},
+            "calibration": {k: metrics.get(k) for k in ("temperature", "threshold", "prior")},
             "selection": {k: metrics.get(k) for k in
                           ("select_metric", "selection_rule", "best_epoch", "epochs_run")}}
 

@@ -9,10 +9,12 @@ scorer's own `score_batch`, so the MLflow model and the command line give the sa
 Input: a DataFrame with a `path` column (image files readable where the model runs) and/or an
 `image_base64` column (an encoded image file, base64; a `data:image/...;base64,` prefix is
 accepted), and optionally `id` to name the rows. A row uses `image_base64` when it has one,
-else `path`. Output: one row per input row, in order: `id` (the input's id, else its index),
-`path`, `status` (`ok` or why the row was not scored), `score`, `label_pred`, `p_<class>...`,
-`flags`, and any further column the scorer adds. A bad row gets a status, never an exception.
-Scores of unscored rows are None (JSON null), not NaN.
+else `path`. A bundle with a day prior also reads its column (`day`): a row with a day the
+model knows gets the day-aware score, as `embryo-ml score` gives from a manifest; a row without
+one is scored from the image alone. Output: one row per input row, in order: `id` (the input's
+id, else its index), `path`, `status` (`ok` or why the row was not scored), `score`,
+`label_pred`, `p_<class>...`, `flags`, and any further column the scorer adds. A bad row gets
+a status, never an exception. Scores of unscored rows are None (JSON null), not NaN.
 
 What a request may make the server read, and its limits, are `embryo_ml.serving.served_input`'s
 rules: `image_base64` always; a `path` only under the allowed roots (`allowed_roots` in the model
@@ -42,6 +44,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from embryo_ml.errors import DataError, TrackingError
+from embryo_ml.evaluation.prior import prior_value
 from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.export.gate import check_registrable
 from embryo_ml.numeric import finite_float
@@ -106,11 +109,13 @@ def predict_frame(scorer: OnnxScorer, frame: pd.DataFrame, batch_size: int = 32,
     served.check_rows(len(frame))
     missing = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     ids = [_cell(v) or str(i) for i, v in zip(frame.index, frame.get("id", missing))]
-    todo = list(zip(frame.get("path", missing), frame.get("image_base64", missing)))
+    prior = scorer.bundle.prior
+    days = frame.get(prior["column"], missing) if prior else missing
+    todo = list(zip(frame.get("path", missing), frame.get("image_base64", missing), days))
     request = ServedRequest(scorer, served)
 
-    def load(row: tuple[Any, Any]) -> LoadedImage:
-        return request.load(_cell(row[0]), _cell(row[1]))
+    def load(row: tuple[Any, Any, Any]) -> LoadedImage:
+        return request.load(_cell(row[0]), _cell(row[1]), prior_value(row[2]))
 
     rows: list[dict] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -184,7 +189,8 @@ def input_example() -> pd.DataFrame:
 
 
 def model_signature(bundle: Bundle) -> ModelSignature:
-    inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
+    day = [bundle.prior["column"]] if bundle.prior else []  # the day prior's column
+    inputs = Schema([ColSpec("string", name, required=False) for name in (*INPUT_COLUMNS, *day)])
     outputs = Schema(
         [ColSpec("string", name) for name in ("id", "path", "status")]
         + [ColSpec("double", "score", required=False), ColSpec("string", "label_pred")]

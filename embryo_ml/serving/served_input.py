@@ -191,9 +191,10 @@ class ServedRequest:
         self.decoded_pixels = 0
         self._lock = threading.Lock()
 
-    def load(self, path: str, encoded: str) -> LoadedImage:
-        """One row: `encoded` (base64) when given, else `path`; a status for a bad row."""
-        item = ScoreItem(path=path, file="")
+    def load(self, path: str, encoded: str, day: str = "") -> LoadedImage:
+        """One row: `encoded` (base64) when given, else `path`; a status for a bad row. `day`:
+        the row's value of the bundle's day-prior column (normalised), "" = none."""
+        item = ScoreItem(path=path, file="", prior_value=day)
         if not encoded and not path:
             return LoadedImage.failed(item, "no input: give a path or image_base64")
         limit = self.served.max_image_bytes
@@ -207,7 +208,7 @@ class ServedRequest:
         if len(data) > limit:
             reason = _too_large(path, len(data), limit).reason
             return LoadedImage.failed(item, f"unreadable: {reason}")
-        return load_item(self, ScoreItem(path=path, file="", data=data))
+        return load_item(self, ScoreItem(path=path, file="", data=data, prior_value=day))
 
     # The `ImageReader` that `load_item` uses: read (here under the request's limits), prepare
     # and flags as the scorer does.
