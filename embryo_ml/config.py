@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,7 +35,10 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=16, le=2048)
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     positive_class: str = "good"
-    num_workers: int = Field(0, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes; auto: none on a CPU with the decoded "
+        "cache (the cached pixels need no decoding, and workers take cores from the training "
+        "threads), else min(4, half the cores) on a CPU, min(8, cores) with CUDA")
     max_pixels: int = Field(
         64_000_000, ge=1, description="refuse larger images (decompression-bomb guard)"
     )

@@ -279,6 +279,8 @@ def _announce(setup: RunSetup, tracker: Any, recipe: Recipe, trainer: Trainer,
              len(run.train_idx), len(run.val_idx), run.group_column,
              f"; {context.world_size} DDP processes" if context.enabled else "")
     log.info("%s", recipe.describe())
+    log.info("data loading: %d worker process(es) (data.num_workers=%s)",
+             trainer.loader.num_workers, cfg.data.num_workers)
     if trainer.ema is not None:
         log.info("EMA of the weights: decay warmed up from 0.1, at most %.4f (%d steps)",
                  trainer.ema.max_decay, cfg.train.epochs * len(trainer.loader))

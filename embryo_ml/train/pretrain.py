@@ -48,7 +48,7 @@ from embryo_ml.train.pretrain_data import (
 from embryo_ml.train.pretrain_model import SimSiam, output_spread
 from embryo_ml.train.pretrain_views import PretrainImages, ViewSettings
 from embryo_ml.train.tracking import RunTracker
-from embryo_ml.train.trainer import warmup_cosine
+from embryo_ml.train.trainer import warmup_cosine, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +126,14 @@ class _Run:
         torch.set_rng_state(state["torch_rng"])
 
 
-def _loader(dataset: PretrainImages, cfg: Config, epoch: int) -> torch.utils.data.DataLoader:
+def _loader(dataset: PretrainImages, cfg: Config, epoch: int, device: torch.device
+            ) -> torch.utils.data.DataLoader:
     """This epoch's batches: the order is drawn from (seed, epoch) alone, as the views are."""
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     batch = min(cfg.pretrain.batch_size, len(dataset))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
-        num_workers=cfg.data.num_workers)  # drop_last: a batch of 1 breaks BatchNorm
+        num_workers=worker_count(cfg, device))  # drop_last: a batch of 1 breaks BatchNorm
 
 
 def read_resume(path: Path) -> dict[str, Any]:
@@ -314,8 +315,8 @@ def _pretrain(cfg: Config, sources: list[str | os.PathLike[str]], out: Path,
     for epoch in range(len(history), cfg.pretrain.epochs):
         started = time.perf_counter()
         parts.dataset.epoch = epoch
-        row = _epoch(parts.run, _loader(parts.dataset, cfg, epoch), parts.device, progress,
-                     epoch)
+        loader = _loader(parts.dataset, cfg, epoch, parts.device)
+        row = _epoch(parts.run, loader, parts.device, progress, epoch)
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         with atomic_path(checkpoint, durable=False) as tmp:
