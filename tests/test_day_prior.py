@@ -287,3 +287,16 @@ def test_the_served_model_reads_the_day_column_too(prior_bundle: Path, tmp_path:
     r, g, _ = features(rgb)
     expected = [_sigmoid((r - g) / 2.0 + b) for b in (OFFSETS["3"], OFFSETS["5"], 0.0)]
     assert scores == pytest.approx([float(e) for e in expected], abs=2e-6)
+
+
+def test_extreme_margins_still_get_a_finite_offset() -> None:
+    """A model that is sure of everything (margins of +-1000) must not break the fit."""
+    days = np.repeat(["3", "5"], 100)
+    positive = np.where(days == "3", np.arange(200) % 10 == 0, np.arange(200) % 2 == 0)
+    margin = np.tile([1000.0, -1000.0, 50.0, -50.0, 0.0], 8)
+    record, note = fit_prior(margin, np.repeat(["3", "5"], 20), days, positive, "day", 1.0)
+    assert record is not None, note
+    assert all(math.isfinite(b) for b in record["offsets"].values())
+    probs, used = apply_prior(np.full((40, 2), 0.5), margin, list(np.repeat(["3", "5"], 20)),
+                              record, positive_index=1)
+    assert used.all() and np.isfinite(probs).all()

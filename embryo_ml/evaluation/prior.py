@@ -59,12 +59,19 @@ def prior_value(value: object) -> str:
     return str(int(number)) if number.is_integer() else text
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for any finite z
+
+
 def _offset(margin: np.ndarray, rate: float) -> float:
-    """The b with mean(sigmoid(margin + b)) == rate (monotone in b: a root in [-30, 30])."""
+    """The b with mean(sigmoid(margin + b)) == rate. The margins are clipped to +-40 (a
+    probability of 1 - 4e-18 either way), so the root lies in [-80, 80] for any rate in (0, 1)
+    (the pseudo-counts keep it there)."""
     from scipy.optimize import brentq
 
-    return float(brentq(lambda b: float(np.mean(1.0 / (1.0 + np.exp(-(margin + b))))) - rate,
-                        -30.0, 30.0, xtol=1e-6))
+    clipped = np.clip(margin, -40.0, 40.0)
+    return float(brentq(lambda b: float(np.mean(_sigmoid(clipped + b))) - rate, -80.0, 80.0,
+                        xtol=1e-6))
 
 
 def independence_p(values: np.ndarray, positive: np.ndarray, kept: Sequence[str]) -> float:
@@ -133,7 +140,7 @@ def apply_prior(probs: np.ndarray, margin: np.ndarray, values: Sequence[str],
     if used.any():
         shift = np.array([offsets[v] for v, u in zip(values, used, strict=True) if u])
         z = np.asarray(margin, dtype=np.float64)[used] / float(prior["temperature"]) + shift
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = _sigmoid(z)
         out[used, positive_index] = p
         out[used, 1 - positive_index] = 1.0 - p
     return out, used
