@@ -36,9 +36,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     positive_class: str = "good"
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="DataLoader worker processes; auto: none on a CPU with the decoded "
-        "cache (the cached pixels need no decoding, and workers take cores from the training "
-        "threads), else min(4, half the cores) on a CPU, min(8, cores) with CUDA")
+        "auto", description="DataLoader worker processes; auto: none on a CPU (workers take "
+        "cores from the training threads), min(8, cores) with CUDA")
     max_pixels: int = Field(
         64_000_000, ge=1, description="refuse larger images (decompression-bomb guard)"
     )

@@ -62,7 +62,8 @@ def add_score(parser: argparse.ArgumentParser) -> None:
     from embryo_ml.score.session import PRECISIONS
 
     parser.add_argument("images", type=Path,
-                        help="folder of images (searched recursively) or a manifest CSV")
+                        help="folder of images (searched recursively) or a manifest CSV (its "
+                        "`day` column feeds a bundle's day prior)")
     parser.add_argument("--bundle", type=Path, required=True,
                         help="scoring bundle folder (from `export`)")
     parser.add_argument("--out", type=Path, default=SCORES_FILE,

@@ -51,17 +51,17 @@ def worker_init(worker_id: int) -> None:
 
 
 def worker_count(cfg: Config, device: torch.device) -> int:
-    """`data.num_workers`, with `auto` resolved. On a CPU with the decoded cache: 0, since
-    later epochs read memory-mapped pixels and worker processes would take cores from the
-    training threads (2 cores, resnet18 at 128 px: the whole train command 11% faster than
-    with 2 workers, fp32 and bf16; docs/benchmarks.md). Without the cache a CPU decodes every
-    epoch: min(4, half the cores). CUDA: min(8, cores), to keep the GPU fed."""
+    """`data.num_workers`, with `auto` resolved: 0 on a CPU, min(8, cores) with CUDA.
+
+    On a CPU the training threads already use every core, and worker processes take cores
+    from them: with the decoded cache (later epochs read memory-mapped pixels), 2 cores,
+    resnet18 at 128 px, the whole train command was 11% faster without workers than with 2,
+    in fp32 and bf16 (docs/benchmarks.md). Without workers a resumed run also continues the
+    exact augmentation stream (fresh workers after a resume would draw another). With CUDA
+    the CPU's cores are free to decode and augment for the GPU."""
     if cfg.data.num_workers != "auto":
         return int(cfg.data.num_workers)
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return min(8, cores)
-    return 0 if cfg.data.cache_dir else min(4, cores // 2)
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
