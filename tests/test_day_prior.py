@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,20 @@ def test_score_applies_the_prior_from_the_manifest_and_says_what_it_could_not(
     html = write_report(out, prior_bundle, tmp_path / "report.html", images=tmp_path / "images",
                         heatmaps=False).read_text()
     assert "Day prior" in html and "day 3: -1.50, day 5: +1.00" in html
+    assert 'id="prior-banner"' in html  # the embryologist reads it too, not only the terminal
+    assert "Scored without the day: 2 of 5 images have no &#x27;day&#x27;" in html
+    settings = json.loads((tmp_path / "scores.scoring.json").read_text())
+    assert settings["prior_warning"].startswith("2 of 5 images")
+    complete = tmp_path / "complete.csv"
+    pd.DataFrame({"path": [n for n, _ in images], "day": ["3", "5", "3", "5", "5"]}).to_csv(
+        complete, index=False)
+    shutil.copy(complete, tmp_path / "images" / "complete.csv")
+    summary = score_images(tmp_path / "images" / "complete.csv", prior_bundle,
+                           tmp_path / "complete-scores.csv", progress=False)
+    assert summary.prior_warning is None
+    html = write_report(summary.out, prior_bundle, tmp_path / "complete.html",
+                        images=tmp_path / "images", heatmaps=False).read_text()
+    assert 'id="prior-banner"' not in html
 
 
 @pytest.mark.parametrize(("change", "message"), [

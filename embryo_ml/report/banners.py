@@ -34,6 +34,15 @@ def validation_banner(bundle: Bundle) -> str:
             f"{_e(text.format(reason=reason_text(bundle.validation)))}</strong></div>")
 
 
+def prior_banner(warning: str | None) -> str:
+    """The amber banner of a run that scored some images without the day its model's scores
+    use (`embryo_ml.score.items.PriorCoverage`); "" otherwise."""
+    if not warning:
+        return ""
+    return ('<div class="validation-banner inconclusive" id="prior-banner" role="note"><strong>'
+            f"Scored without the day: {_e(warning[0].upper() + warning[1:])}.</strong></div>")
+
+
 def shift_banners(shift: dict[str, Any], rows: list[ReportRow]) -> str:
     """The red banner of a shifted run, then the patients whose images are mostly flagged
     (whether or not the run is shifted); "" when neither applies."""

@@ -78,12 +78,12 @@ from pathlib import Path
 from embryo_ml.errors import DataError
 from embryo_ml.export.bundle import Bundle, read_bundle
 from embryo_ml.fileio import atomic_write_text
-from embryo_ml.report.banners import shift_banners, validation_banner
+from embryo_ml.report.banners import prior_banner, shift_banners, validation_banner
 from embryo_ml.report.cohort_tables import cohort_html, controls_html
 from embryo_ml.report.markup import escape as _e
 from embryo_ml.report.pictures import DEFAULT_THUMBNAIL_SIZE, Heatmaps, add_pictures
 from embryo_ml.report.rows import ReportRow, embryo_scores, group_cohorts, read_rows
-from embryo_ml.report.sidecar import check_scored_by, run_shift
+from embryo_ml.report.sidecar import check_scored_by, run_prior_warning, run_shift
 from embryo_ml.report.summary import shift_note, summary_html
 from embryo_ml.report.texts import (
     FLAG_TEXT,
@@ -158,7 +158,8 @@ def write_report(
     notes = _picture_notes(rows, root, maker, max_thumbnails)
     shift = run_shift(scores, bundle, rows)
     notes.append(shift_note(shift))
-    sections = [validation_banner(bundle), shift_banners(shift, rows), _header(scores, bundle),
+    sections = [validation_banner(bundle), prior_banner(run_prior_warning(scores)),
+                shift_banners(shift, rows), _header(scores, bundle),
                 summary_html(rows, cohorts, bundle, scores, root, notes), controls_html(rows),
                 _cohorts_html(scores, cohorts, head_columns)]
     out.parent.mkdir(parents=True, exist_ok=True)

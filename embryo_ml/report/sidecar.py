@@ -67,3 +67,10 @@ def run_shift(scores: Path, bundle: Bundle, rows: list[ReportRow]) -> dict[str, 
     if precision not in ("fp32", "int8"):
         precision = "int8" if bundle.int8 is not None else "fp32"
     return shift_record(bundle, str(precision), counted)
+
+
+def run_prior_warning(scores: Path) -> str | None:
+    """The scoring run's day-prior warning (images scored without a day the model knows), from
+    the sidecar; None when there was none."""
+    text = _scoring_settings(scores).get("prior_warning")
+    return text if isinstance(text, str) and text else None

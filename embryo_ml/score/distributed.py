@@ -81,6 +81,7 @@ from embryo_ml.score.scorer import (
     check_options,
     finish_scores,
     prior_items,
+    record_prior_warning,
     stop_on_signals,
 )
 from embryo_ml.score.session import OnnxScorer
@@ -337,7 +338,7 @@ def score_images_dask(
             run.stream(client, chain([first], remaining), whole_batches(shard_size, batch_size),
                        progress)
     summary = run.finish()
-    summary.prior_warning = coverage.warning() if coverage else None
+    record_prior_warning(summary, coverage)
     return summary
 
 

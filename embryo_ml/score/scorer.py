@@ -352,8 +352,20 @@ def score_images(
     run.stream(remaining, batch_size, workers or min(4, os.cpu_count() or 1), progress,
                append=resume)
     summary = run.finish()
-    summary.prior_warning = coverage.warning() if coverage else None
+    record_prior_warning(summary, coverage)
     return summary
+
+
+def record_prior_warning(summary: ScoreSummary, coverage: PriorCoverage | None) -> None:
+    """The run's day-prior warning (`PriorCoverage.warning`) in the summary and in the settings
+    sidecar beside the scores file, where the report finds it."""
+    summary.prior_warning = coverage.warning() if coverage else None
+    if summary.prior_warning is None:
+        return
+    sidecar = settings_path(summary.out)
+    settings = json.loads(sidecar.read_text(encoding="utf-8"))
+    settings["prior_warning"] = summary.prior_warning
+    atomic_write_text(sidecar, json.dumps(settings, indent=2) + "\n")
 
 
 def prior_items(source: str | os.PathLike[str], regex: re.Pattern[str] | None, bundle: Bundle
