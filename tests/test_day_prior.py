@@ -164,7 +164,7 @@ def test_score_applies_the_prior_from_the_manifest_and_says_what_it_could_not(
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     assert err == ["warning: 2 of 5 images have no 'day' this model is calibrated for ('6', "
                    "blank; it knows 3, 5): their scores come from the image alone; check the "
-                   "manifest"]
+                   "days in the manifest or the file names"]
     scores = pd.read_csv(out)
     for (name, rgb), day, score in zip(images, days, scores["score"], strict=True):
         r, g, _ = features(rgb)
@@ -315,3 +315,22 @@ def test_extreme_margins_still_get_a_finite_offset() -> None:
     probs, used = apply_prior(np.full((40, 2), 0.5), margin, list(np.repeat(["3", "5"], 20)),
                               record, positive_index=1)
     assert used.all() and np.isfinite(probs).all()
+
+
+def test_the_embryo_pattern_can_give_the_day_from_the_file_name(
+    prior_bundle: Path, tmp_path: Path
+) -> None:
+    rgb = (200, 40, 0)
+    for name in ("P1_E1_D3.png", "P1_E2_D5.png", "P1_E3_D6.png", "notes.png"):
+        uniform_image(tmp_path / "images" / name, rgb)
+    summary = score_images(tmp_path / "images", prior_bundle, tmp_path / "s.csv", progress=False,
+                           embryo_pattern=r"(?P<embryo_id>P\d+_E\d+)_D(?P<day>\d)")
+    scores = pd.read_csv(tmp_path / "s.csv").set_index("path")["score"]
+    r, g, _ = features(rgb)
+    for name, offset in (("P1_E1_D3.png", OFFSETS["3"]), ("P1_E2_D5.png", OFFSETS["5"]),
+                         ("P1_E3_D6.png", 0.0), ("notes.png", 0.0)):
+        assert scores[name] == pytest.approx(float(_sigmoid((r - g) / 2.0 + offset)), abs=2e-6)
+    assert summary.prior_warning == (
+        "2 of 4 images have no 'day' this model is calibrated for ('6', blank; it knows 3, 5): "
+        "their scores come from the image alone; check the days in the manifest or the file "
+        "names")

@@ -2,7 +2,8 @@
 
 A folder is walked lazily (never listed with its pixels into memory). The embryo and patient
 ids that group images into cohorts come from the manifest's columns, or from the image's path
-with `--embryo-pattern` (a regex with a named group `embryo_id`, optionally `patient_id`).
+with `--embryo-pattern` (a regex with a named group `embryo_id`, optionally `patient_id`, and
+a group named like the bundle's day-prior column, e.g. `day`, for the day).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def apply_embryo_pattern(item: ScoreItem, regex: re.Pattern[str]) -> ScoreItem:
     return replace(item, embryo_id=embryo, patient_id=groups.get("patient_id") or item.patient_id)
 
 
+def pattern_prior_value(item: ScoreItem, regex: re.Pattern[str], column: str) -> ScoreItem:
+    """The day from the pattern's group named like the prior column (e.g. `(?P<day>\\d)`),
+    searched in `item.path`; a manifest's own value wins, a path it does not match keeps ""."""
+    if item.prior_value:
+        return item
+    match = regex.search(item.path)
+    value = match.group(column) if match else None
+    return replace(item, prior_value=prior_value(value)) if value else item
+
+
 def iter_items(
     source: str | os.PathLike[str], embryo_pattern: re.Pattern[str] | str | None = None,
     prior_column: str | None = None,
@@ -91,6 +102,8 @@ def iter_items(
         regex = (compile_embryo_pattern(embryo_pattern) if isinstance(embryo_pattern, str)
                  else embryo_pattern)
         items = (apply_embryo_pattern(item, regex) for item in items)
+        if prior_column and prior_column in regex.groupindex:
+            items = (pattern_prior_value(item, regex, prior_column) for item in items)
     first = next(items, None)
     if first is None:
         raise DataError(f"{source}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
@@ -146,7 +159,7 @@ class PriorCoverage:
         shown = ", ".join(repr(v) if v else "blank" for v in sorted(self.unknown, key=_natural))
         return (f"{self.n_without} of {self.n_items} images have no '{self.column}' this model "
                 f"is calibrated for ({shown}; it knows {days}): their scores come from the image "
-                "alone; check the manifest")
+                "alone; check the days in the manifest or the file names")
 
 
 def _natural(value: str) -> tuple[int, float, str]:
