@@ -101,17 +101,23 @@ def _model_facts(bundle: Bundle) -> list[tuple[str, object]]:
         ("Classes", ", ".join(bundle.classes)),
         ("Score", f"calibrated probability of “{bundle.positive_class}” "
                   f"(temperature {bundle.temperature:.3g}), shown 1-10 as ceil(10 × p)"),
+        *_prior_fact(bundle),
         ("Decision threshold", f"{bundle.threshold:.3f}"),
         ("Validation check", _validation_fact(bundle)),
     ]
-    if bundle.prior:
-        column = bundle.prior["column"]
-        offsets = ", ".join(f"{column} {k}: {v:+.2f}" for k, v in bundle.prior["offsets"].items())
-        model.insert(8, ("Day prior", f"where the manifest gives the {column}, the score adds its "
-                                      f"logit offset ({offsets}); without it, the image alone"))
     if bundle.heads:
         model.append(("Extra heads", ", ".join(bundle.heads)))
     return model
+
+
+def _prior_fact(bundle: Bundle) -> list[tuple[str, object]]:
+    """The day prior's row of the model facts; none without a prior."""
+    if not bundle.prior:
+        return []
+    column = bundle.prior["column"]
+    offsets = ", ".join(f"{column} {k}: {v:+.2f}" for k, v in bundle.prior["offsets"].items())
+    return [("Day prior", f"where the manifest gives the {column}, the score adds its logit "
+                          f"offset ({offsets}); without it, the image alone")]
 
 
 def _metrics_html(bundle: Bundle) -> str:

@@ -81,7 +81,6 @@ from embryo_ml.score.scorer import (
     check_options,
     finish_scores,
     prior_items,
-    record_prior_warning,
     stop_on_signals,
 )
 from embryo_ml.score.session import OnnxScorer
@@ -337,9 +336,8 @@ def score_images_dask(
         with dask_client(workers, scheduler, announce=progress) as client:
             run.stream(client, chain([first], remaining), whole_batches(shard_size, batch_size),
                        progress)
-    summary = run.finish()
-    record_prior_warning(summary, coverage)
-    return summary
+    run.summary.prior_warning = coverage.warning() if coverage else None  # every item seen
+    return run.finish()
 
 
 __all__ = ["DEFAULT_SHARD_SIZE", "INSTALL_HINT", "ShardsFailed", "score_images_dask"]

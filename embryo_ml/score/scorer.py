@@ -306,7 +306,9 @@ def finish_scores(out: Path, bundle: Bundle, settings: dict[str, Any], cohorts: 
     `embryo_ml.score.distributed`): rank the embryos of `cohorts` (every row added), write
     `out` (`write_ranked(rank)` passes every unranked row through `rank` and replaces `out`
     atomically), the embryos table beside it, then the settings sidecar with the
-    dataset-shift record of every row of the written output (`written_rows()`)."""
+    dataset-shift record of every row of the written output (`written_rows()`) and the run's
+    day-prior warning (`summary.prior_warning`, set by the caller), where the report reads
+    them."""
     cohorts.finish()
     write_ranked(lambda row: with_rank(row, cohorts))
     summary.embryos_out = embryos_path(out)  # an earlier run's stayed until now
@@ -314,8 +316,9 @@ def finish_scores(out: Path, bundle: Bundle, settings: dict[str, Any], cohorts: 
     summary.n_embryos = len(cohorts)
     # every row of the output, resumed ones too; the sidecar gains the record at the very end
     summary.shift = shift_record(bundle, summary.precision, written_rows())
+    said = {"prior_warning": summary.prior_warning} if summary.prior_warning else {}
     atomic_write_text(settings_path(out),
-                      json.dumps({**settings, "shift": summary.shift}, indent=2) + "\n")
+                      json.dumps({**settings, "shift": summary.shift, **said}, indent=2) + "\n")
 
 
 def score_images(
@@ -351,21 +354,8 @@ def score_images(
     remaining = run.start(items, resume)
     run.stream(remaining, batch_size, workers or min(4, os.cpu_count() or 1), progress,
                append=resume)
-    summary = run.finish()
-    record_prior_warning(summary, coverage)
-    return summary
-
-
-def record_prior_warning(summary: ScoreSummary, coverage: PriorCoverage | None) -> None:
-    """The run's day-prior warning (`PriorCoverage.warning`) in the summary and in the settings
-    sidecar beside the scores file, where the report finds it."""
-    summary.prior_warning = coverage.warning() if coverage else None
-    if summary.prior_warning is None:
-        return
-    sidecar = settings_path(summary.out)
-    settings = json.loads(sidecar.read_text(encoding="utf-8"))
-    settings["prior_warning"] = summary.prior_warning
-    atomic_write_text(sidecar, json.dumps(settings, indent=2) + "\n")
+    run.summary.prior_warning = coverage.warning() if coverage else None  # every item seen
+    return run.finish()
 
 
 def prior_items(source: str | os.PathLike[str], regex: re.Pattern[str] | None, bundle: Bundle
