@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from embryo_ml.config_text import read_config_text, read_yaml
 from embryo_ml.errors import ConfigError
 from embryo_ml.fileio import atomic_write_text
 
@@ -326,36 +327,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        value = _read_yaml(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except ConfigError:  # not YAML (e.g. `a: b: c`, a date like 2024-13-01): the text itself
         value = raw
     return key.split("."), value
-
-
-def _read_text(path: Path) -> str:
-    """A config file's text; ConfigError (naming the file) when it is not UTF-8 or unreadable."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
-                          f"offset {error.start}); save the config as UTF-8") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config ({error.strerror or error})") from None
-
-
-def _read_yaml(text: str, path: Path | None = None) -> Any:
-    """`yaml.safe_load`, with every way it refuses text as one ConfigError: syntax errors, and
-    the ValueError/RecursionError PyYAML raises for an impossible date (`2024-13-01`), a bad
-    `!!int` tag or thousands of nested brackets."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        reason = f"{error.__class__.__name__}{where}"
-    except (ValueError, TypeError, RecursionError) as error:
-        reason = f"{error.__class__.__name__}: {error}"
-    raise ConfigError(f"{path or '--set'}: not valid YAML ({reason})")
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -402,7 +377,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = _read_yaml(_read_text(path), path)
+        loaded = read_yaml(read_config_text(path), path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}

@@ -1,8 +1,11 @@
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from embryo_ml.config import load_config
+from embryo_ml.config_text import expanded_size
 from embryo_ml.errors import ConfigError
 
 
@@ -50,6 +53,31 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(write(tmp_path, "- just\n- a list\n"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def billion_laughs(levels: int) -> str:
+    """Nine anchors of nine aliases each: 9**levels values in a few hundred bytes."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\naugment: *l{levels - 1}\n"
+
+
+def test_alias_bomb_and_self_reference_are_refused_at_once(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="stand for more than 100,000 values"):
+        load_config(write(tmp_path, billion_laughs(9)))  # 387 million values: hung before
+    assert time.perf_counter() - started < 5
+    with pytest.raises(ConfigError, match="contains itself"):
+        load_config(write(tmp_path, "model: &m\n  name: *m\n"))
+
+
+def test_aliases_of_a_normal_size_still_work(tmp_path: Path) -> None:
+    l0, l1, l2 = 1 + 9, 1 + 9 * 10, 1 + 9 * 91  # a list counts itself and its items
+    # the mapping, its 4 keys, l0..l2, and augment: l2 counted again, as if copied out
+    assert expanded_size(yaml.safe_load(billion_laughs(3))) == 1 + 4 + l0 + l1 + l2 + l2
+    text = "model: &m\n  name: resnet18\n  drop_rate: 0.1\n"
+    cfg = load_config(write(tmp_path, text), ["model.pretrained=false"])
+    assert cfg.model.name == "resnet18" and cfg.model.drop_rate == 0.1
 
 
 def test_demo_recipe_is_valid() -> None:

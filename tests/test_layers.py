@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embryo_ml"
 # lowest first; a module's layer is its longest matching prefix
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("embryo_ml", "embryo_ml.errors", "embryo_ml.fileio", "embryo_ml.numeric",
-              "embryo_ml.versions", "embryo_ml.config", "embryo_ml.extras")),
+              "embryo_ml.versions", "embryo_ml.config", "embryo_ml.config_text",
+              "embryo_ml.extras")),
     ("data", ("embryo_ml.data",)),
     ("evaluation", ("embryo_ml.evaluation",)),
     ("train", ("embryo_ml.train",)),
