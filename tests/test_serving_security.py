@@ -334,3 +334,36 @@ def test_loaded_model_refuses_a_large_request_with_http_400(
     monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"max_rows": 1}))
     with pytest.raises(MlflowException, match="request has 2 rows"):
         _load(logged_model, trained_run).predict(too_many.iloc[:2])
+
+
+def test_trusted_keys_decide_which_bundle_a_server_loads(
+    bundle_dir: Path, trained_run: dict, served_tree: dict[str, Path], tmp_path: Path,
+    logged_model: LoggedBundleModel, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from embryo_ml.errors import BundleError, ConfigError
+    from embryo_ml.export.signing import generate_key_pair, sign_bundle
+    from embryo_ml.serving.pyfunc import log_bundle_model, trusted_keys
+
+    team_key, team_pub, _ = generate_key_pair(tmp_path / "team")
+    _, other_pub, _ = generate_key_pair(tmp_path / "other")
+    signed = tmp_path / "signed"
+    shutil.copytree(bundle_dir, signed)
+    sign_bundle(signed, team_key)
+    signed_model = log_bundle_model(signed, tracking_uri=trained_run["uri"])
+    image = pd.DataFrame({"image_base64": [_b64(served_tree["inside"].read_bytes())]})
+
+    model = _load(signed_model, trained_run, trusted_keys=str(team_pub))
+    assert list(model.predict(image)["status"]) == ["ok"]
+    with pytest.raises(BundleError, match="not a trusted key"):
+        _load(signed_model, trained_run, trusted_keys=[str(other_pub)])
+    with pytest.raises(BundleError, match="is not signed"):  # the unsigned one, same key
+        _load(logged_model, trained_run, trusted_keys=[str(team_pub)])
+    monkeypatch.setenv("EMBRYO_ML_TRUSTED_KEYS", str(other_pub))  # `mlflow models serve`
+    with pytest.raises(BundleError, match="not a trusted key"):
+        _load(signed_model, trained_run)
+    monkeypatch.delenv("EMBRYO_ML_TRUSTED_KEYS")
+    assert list(_load(logged_model, trained_run).predict(image)["status"]) == ["ok"]  # no keys
+    assert trusted_keys({}, {"EMBRYO_ML_TRUSTED_KEYS": f"a.pub{os.pathsep}keys/"}) == [
+        "a.pub", "keys/"]
+    with pytest.raises(ConfigError, match="'trusted_keys'"):
+        trusted_keys({"trusted_keys": 5})

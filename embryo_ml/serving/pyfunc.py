@@ -22,6 +22,12 @@ config or `EMBRYO_ML_ALLOWED_ROOTS`; none by default: every path is `unreadable:
 allowed`). A request of more than `max_rows` rows is refused as a whole with an
 `MlflowException` (INVALID_PARAMETER_VALUE, HTTP 400 from `mlflow models serve`).
 
+Which bundle a server may load: with trusted public keys (`trusted_keys` in the model config, a
+path or a list of paths, else `EMBRYO_ML_TRUSTED_KEYS`, paths separated by `os.pathsep`; each a
+`.pub` file or a folder of them, as `score --trusted-key`), loading refuses a bundle that is
+unsigned, signed by another key or changed after signing, so `mlflow models serve` does not
+start with it. Without keys the bundle's own hashes are checked, as `score` does.
+
 This module and `embryo_ml.train.tracking` are the two that import mlflow (see there).
 """
 
@@ -30,6 +36,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -43,7 +51,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from embryo_ml.errors import DataError, TrackingError
+from embryo_ml.errors import ConfigError, DataError, TrackingError
 from embryo_ml.evaluation.prior import prior_value
 from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.export.gate import check_registrable
@@ -66,9 +74,27 @@ _REQUIREMENTS = ("numpy", "pandas", "pillow", "opencv-python-headless", "onnxrun
 # The model config logged with the model: MLflow lets `load_model(..., model_config=...)` (and
 # `MLFLOW_PYFUNC_INFERENCE_CONFIG` where the model is served) set only keys logged with it.
 # None: not set here (the served-input settings then come from the environment, else default).
+TRUSTED_KEYS_KEY = "trusted_keys"
+TRUSTED_KEYS_ENV = "EMBRYO_ML_TRUSTED_KEYS"
 MODEL_CONFIG: dict[str, Any] = {"threads": None, "batch_size": 32, "workers": 4,
                                 "precision": "auto", ALLOWED_ROOTS_KEY: None,
-                                **{key: None for key in LIMITS}}
+                                TRUSTED_KEYS_KEY: None, **{key: None for key in LIMITS}}
+
+
+def trusted_keys(config: Mapping[str, Any], environ: Mapping[str, str] | None = None
+                 ) -> list[str]:
+    """The public-key paths a served bundle must be signed by: the model config's
+    `trusted_keys` (a path or a list of paths), else `EMBRYO_ML_TRUSTED_KEYS`; [] = none."""
+    value = config.get(TRUSTED_KEYS_KEY)
+    if value is None:
+        text = (os.environ if environ is None else environ).get(TRUSTED_KEYS_ENV, "")
+        return [part for part in text.split(os.pathsep) if part.strip()]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"model config {TRUSTED_KEYS_KEY!r}: a path or a list of paths of "
+                          f"public keys, got {value!r}")
+    return list(value)
 
 
 def _is_numeric_column(name: str) -> bool:
@@ -143,8 +169,9 @@ class BundleModel(PythonModel):
     """The pyfunc model. `model_config` may set `threads` (ONNX Runtime), `batch_size`,
     `workers` (decoding threads), `precision` ("auto", "fp32", "int8"), and what a request may
     read (`embryo_ml.serving.served_input`): `allowed_roots` (a list of folders), `max_rows`,
-    `max_image_bytes`, `max_pixels` and `max_request_pixels`. A setting the config leaves out
-    comes from its environment variable (`EMBRYO_ML_ALLOWED_ROOTS`, `EMBRYO_ML_MAX_ROWS`, ...)
+    `max_image_bytes`, `max_pixels` and `max_request_pixels`, and which keys must have signed
+    the bundle (`trusted_keys`). A setting the config leaves out comes from its environment
+    variable (`EMBRYO_ML_ALLOWED_ROOTS`, `EMBRYO_ML_TRUSTED_KEYS`, `EMBRYO_ML_MAX_ROWS`, ...)
     as it is when a request arrives, else its default. The config is given to
     `mlflow.pyfunc.load_model(uri, model_config={...})`, or as JSON in
     `MLFLOW_PYFUNC_INFERENCE_CONFIG` to `mlflow models serve`; MLflow passes on only the keys of
@@ -154,7 +181,14 @@ class BundleModel(PythonModel):
         config = dict(getattr(context, "model_config", None) or {})
         self.config = config
         served = ServedInput.from_settings(config)  # a bad setting fails the load, not a request
-        self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT])  # verifies the hash
+        folder, keys = context.artifacts[BUNDLE_ARTIFACT], trusted_keys(config)
+        if keys:  # refuse to serve a bundle the team did not sign (BundleError names why)
+            from embryo_ml.export.signing import verify_bundle
+
+            self.bundle, signer = verify_bundle(folder, keys)
+            log.info("bundle signed by trusted key %s (%s)", signer.key_id, signer.source.name)
+        else:
+            self.bundle = read_bundle(folder)  # verifies the hash
         warning = validation_warning(self.bundle)
         if warning:  # a failed model can be logged (never registered) for inspection
             log.warning("%s", warning)
