@@ -102,13 +102,25 @@ def test_make_splits_refusals() -> None:
         make_splits(_cohort_table(n_patients=4), folds=5, test_fraction=0.0)
 
 
-def test_decoded_cache_decodes_once_and_notices_changes(tmp_path: Path) -> None:
+def test_decoded_cache_decodes_once_and_notices_changes(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from embryo_ml.data import images
+
     rng = np.random.default_rng(0)
     path = write_image(tmp_path / "a.png", rng.integers(0, 256, (50, 40, 3), dtype=np.uint8))
     twin = tmp_path / "twin.png"
     twin.write_bytes(path.read_bytes())
     cache = DecodedCache(tmp_path / "cache", 32)
+    reads: list[str] = []
+    real_read_bytes, real_decode = Path.read_bytes, images._decode
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(f"read {self.name}")
+                        or real_read_bytes(self))
+    monkeypatch.setattr(images, "_decode", lambda source, *a: reads.append(
+        f"decode {type(source).__name__}") or real_decode(source, *a))
     first = cache.load(path)
+    # a miss reads the file once: hashed, then decoded from the same bytes, not opened again
+    assert reads == ["read a.png", "decode BytesIO"]
+    monkeypatch.undo()
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
     assert np.array_equal(first, resize_square(read_image(path), 32))
     second = cache.load(path)
@@ -132,9 +144,9 @@ def test_cached_training_reads_no_image_after_first_epoch(
     decoded: list[str] = []
     real_reader = cache_module.load_square
 
-    def counting_reader(path: str, *args: object) -> np.ndarray:
+    def counting_reader(path: str, *args: object, **kwargs: object) -> np.ndarray:
         decoded.append(path)
-        return real_reader(path, *args)
+        return real_reader(path, *args, **kwargs)
 
     monkeypatch.setattr(cache_module, "load_square", counting_reader)
     cfg = tiny_config(tmp_path / "m.db", "data.image_size=32", "train.epochs=2",

@@ -73,7 +73,7 @@ class DecodedCache:
         """The image at model size as (size, size, 3) uint8; decoded at most once per content."""
         path = str(path)
         try:
-            digest, _ = self._digest(path)
+            digest, data = self._digest(path)  # the bytes too, when they had to be read
         except FileNotFoundError:
             return read_image(path, self.max_pixels)  # the reader's one clear error
         entry = self.root / digest[:2] / f"{digest}{ENTRY_SUFFIX}"
@@ -85,7 +85,7 @@ class DecodedCache:
             log.warning("decoded-image cache: entry %s for %s is %s; rebuilding it from the "
                         "image", entry, path, problem)
         self.misses += 1
-        array = np.ascontiguousarray(load_square(path, self.size, self.max_pixels))
+        array = np.ascontiguousarray(load_square(path, self.size, self.max_pixels, data=data))
         entry.parent.mkdir(exist_ok=True)
         header = _HEADER.pack(_MAGIC, _DTYPE, *array.shape, zlib.crc32(array))
         with atomic_open(entry, "wb", durable=False) as handle:  # checked on every read

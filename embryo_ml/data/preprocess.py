@@ -34,9 +34,15 @@ def decode_side(size: int) -> int:
 
 
 def load_square(
-    path: str | os.PathLike[str], size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | None = None,
 ) -> np.ndarray:
-    """The image file as the model sees it before normalising: (size, size, 3) uint8."""
+    """The image file as the model sees it before normalising: (size, size, 3) uint8. `data`:
+    the file's bytes, when the caller has already read them (decoded from memory, errors still
+    naming `path`); empty or None reads the file."""
+    if data:
+        return resize_square(read_for_model(None, size, max_pixels, data=data, name=str(path)),
+                             size)
     return resize_square(read_for_model(path, size, max_pixels), size)
 
 
