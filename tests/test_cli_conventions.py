@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
@@ -102,12 +103,25 @@ def test_quiet_and_debug_before_or_after_every_command(parser: argparse.Argument
         assert parser.parse_args(["--debug", *path, *rest]).debug is True, path
 
 
-def test_quiet_after_the_command_really_silences_it(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_quiet_after_the_command_really_silences_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a person at a terminal
     assert main(["synth", str(tmp_path / "loud"), "--n", "2", "--size", "32"]) == 0
     assert "synthetic embryos" in capsys.readouterr().err  # the progress bar
     assert main(["synth", str(tmp_path / "quiet"), "--n", "2", "--size", "32", "-q"]) == 0
     assert "synthetic embryos" not in capsys.readouterr().err
+
+
+def test_no_progress_bars_into_a_log_file(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Standard error redirected (a log, CI): no bars, whose carriage-return redraws would fill
+    the file, but the command's own lines still come."""
+    assert not sys.stderr.isatty()
+    assert main(["synth", str(tmp_path / "logged"), "--n", "2", "--size", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "synthetic embryos" not in captured.err and "\r" not in captured.err
+    assert (tmp_path / "logged" / "manifest.csv").is_file()
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,9 +74,17 @@ def add_run_options(parser: argparse.ArgumentParser, default: object) -> None:
     """-q and --debug, before the command (`default` False) and after it (SUPPRESS, so that a
     command's parser never resets what was given before the command)."""
     parser.add_argument("-q", "--quiet", action="store_true", default=default,
-                        help="no progress bars")
+                        help="no progress bars (there are none anyway when standard error is "
+                             "not a terminal)")
     parser.add_argument("--debug", action="store_true", default=default,
                         help=f"show the traceback behind an error (also: {DEBUG_ENV}=1)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person at a terminal: redrawn with carriage returns, a bar
+    turns a log file or a CI transcript into thousands of partial lines, while the per-epoch
+    and summary lines say the same once."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:

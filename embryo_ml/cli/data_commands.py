@@ -7,7 +7,13 @@ import argparse
 import os
 from pathlib import Path
 
-from embryo_ml.cli.common import add_library_options, count, default_of, output_file
+from embryo_ml.cli.common import (
+    add_library_options,
+    count,
+    default_of,
+    output_file,
+    show_progress,
+)
 
 SPLITS_FILE = Path("splits.csv")  # `data split --out`
 
@@ -104,7 +110,7 @@ def run_check(args: argparse.Namespace) -> int:
         splits = read_manifest(args.splits)
         splits = splits.assign(split=split_parts(splits))
     report = check_data(table, splits, near_threshold=args.near_threshold,
-                        progress=not args.quiet)
+                        progress=show_progress(args))
     print(format_report(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_json(), indent=2))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from embryo_ml.cli.common import add_overrides, warn
+from embryo_ml.cli.common import add_overrides, show_progress, warn
 
 PRETRAINED_FILE = Path("pretrained.safetensors")  # `pretrain --out`
 
@@ -42,7 +42,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     exclusion = (Exclusion.from_splits(args.exclude_splits, args.exclude_split)
                  if args.exclude_splits else None)
     result = pretrain(cfg, args.images, args.out, exclusion, resume=args.resume,
-                      progress=not args.quiet)
+                      progress=show_progress(args))
     record = result.record
     print(f"pretrained {record.model_name} at {record.image_size} px on {record.images} images"
           + (f" ({record.excluded_images} excluded)" if record.excluded_images else "")

@@ -15,6 +15,7 @@ from embryo_ml.cli.common import (
     add_trusted_key,
     default_of,
     positive,
+    show_progress,
     warn,
 )
 from embryo_ml.errors import EmbryoMLError
@@ -51,7 +52,7 @@ def _write_report(args: argparse.Namespace, scores: Path, images: Path | None) -
 
     out = write_report(scores, args.bundle, args.report, images=images,
                        heatmaps=not args.no_heatmaps, max_thumbnails=args.max_thumbnails,
-                       threads=args.threads, progress=not args.quiet)
+                       threads=args.threads, progress=show_progress(args))
     print(f"report -> {out}")
 
 
@@ -142,7 +143,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise EmbryoMLError(f"--report {args.report} is a folder; give an .html file name")
     _check_engine(args)
     _check_trusted(args.bundle, args.trusted_key)
-    options = dict(batch_size=args.batch_size, threads=args.threads, progress=not args.quiet,
+    options = dict(batch_size=args.batch_size, threads=args.threads, progress=show_progress(args),
                    max_pixels=args.max_pixels, resume=args.resume, tta=args.tta,
                    aggregate=args.aggregate, embryo_pattern=args.embryo_pattern,
                    precision=args.precision)

@@ -12,7 +12,14 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from embryo_ml.cli.common import add_library_options, add_overrides, default_of, positive, warn
+from embryo_ml.cli.common import (
+    add_library_options,
+    add_overrides,
+    default_of,
+    positive,
+    show_progress,
+    warn,
+)
 from embryo_ml.errors import EmbryoMLError
 
 SYNTH_IMAGES = 1000  # `synth --n`: a data set big enough to train on
@@ -43,7 +50,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from embryo_ml.data.synthetic import generate_dataset
 
     manifest = generate_dataset(args.out, n=args.n, size=args.size, seed=args.seed,
-                                focal_planes=args.focal_planes, progress=not args.quiet)
+                                focal_planes=args.focal_planes, progress=show_progress(args))
     print(f"wrote {args.n} images and {manifest}")
     return 0
 
@@ -101,7 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = args.out or _timestamped()
     from embryo_ml.train.fit import fit, print_verdict
 
-    result = fit(cfg, data, run_dir, progress=not args.quiet, resume=bool(args.resume))
+    result = fit(cfg, data, run_dir, progress=show_progress(args), resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # DDP: rank 0 reports
     metrics = result.metrics
@@ -169,7 +176,7 @@ def run_cv(args: argparse.Namespace) -> int:
     from embryo_ml.train.run_folder import OOF_PREDICTIONS_FILE
 
     out = args.out or _timestamped("cv-")
-    result = cross_validate(cfg, data, args.folds, out, args.splits, progress=not args.quiet)
+    result = cross_validate(cfg, data, args.folds, out, args.splits, progress=show_progress(args))
     print(format_summary(result.summary, result.evaluation))
     print(f"out-of-fold predictions: {out / OOF_PREDICTIONS_FILE}")
     print(f"MLflow parent run id: {result.parent_run_id}")
@@ -251,5 +258,5 @@ def add_demo(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from embryo_ml.demo import run_demo as demo
 
-    demo(args.out, config=args.config, progress=not args.quiet)
+    demo(args.out, config=args.config, progress=show_progress(args))
     return 0
