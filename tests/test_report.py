@@ -229,6 +229,23 @@ def test_every_value_is_escaped(fake_bundle: Path, tmp_path: Path) -> None:
     assert page.facts["Model"] == "net" + evil and page.facts["Training run"] == "run" + evil
 
 
+def test_a_metric_the_validation_could_not_give_reads_not_measured(
+    hand_scores: Path, fake_bundle: Path, tmp_path: Path
+) -> None:
+    """No validation patient with both classes leaves the within-patient AUC NaN: an
+    embryologist reads "not measured" in the metrics table, not "nan"."""
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(fake_bundle, bundle_dir)
+    write_bundle_json(dataclasses.replace(
+        read_bundle(fake_bundle),
+        val_metrics={"val_auc": 0.91, "val_within_patient_auc": float("nan"), "best_epoch": 3}),
+        bundle_dir)
+    out = write_report(hand_scores, bundle_dir, tmp_path / "r.html", images=tmp_path / "images")
+    table = _Page(out.read_text(encoding="utf-8")).ids["val-metrics"]
+    assert "val_within_patient_aucnot measured" in table
+    assert "val_auc0.910" in table and "nan" not in table
+
+
 def test_csp_admits_exactly_the_inline_script_and_style(
     hand_scores: Path, fake_bundle: Path, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ metrics) and a short summary of its model card (`MODEL_CARD.md` in the bundle).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,15 @@ def _metrics_html(bundle: Bundle) -> str:
 
 
 def _format_metric(value: Any) -> str:
-    """A validation metric as read: counts with thousands separators, rates to 3 decimals."""
+    """A validation metric as read: counts with thousands separators, rates to 3 decimals, and
+    a metric the validation images could not give (no patient with both classes: NaN) as
+    "not measured", not as "nan"."""
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not measured"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:.3f}"
     return str(value)
