@@ -206,6 +206,49 @@ def test_refined_heat_lands_on_the_evidence(tmp_path: Path) -> None:
     assert errors[4] <= 2.0 < errors[1], errors
 
 
+def test_each_image_gets_the_class_asked_for(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`image_classes` picks the class per image (None: the predicted one), and the report
+    asks for the class its scores file printed, even where the model alone predicts another
+    (as where the day prior decided the label)."""
+    from embryo_ml.report.html import write_report
+
+    bundle_dir = _box_cam_bundle(tmp_path / "box")
+    scorer = OnnxScorer(read_bundle(bundle_dir), threads=1, precision="fp32")
+    images = [_red_spot(32, 13, 21), _red_spot(32, 5, 26), _red_spot(32, 18, 9)]
+    explained = ex.explain(scorer, images, image_classes=["b", None, "c"])
+    assert [e.class_name for e in explained] == ["b", "a", "c"]  # a red spot predicts a
+    (alone,) = ex.explain(scorer, images[:1], class_name="b")
+    np.testing.assert_array_equal(explained[0].heat, alone.heat)
+    with pytest.raises(BundleError, match="not one of the bundle's classes"):
+        ex.explain(scorer, images, image_classes=["b", "excellent", None])
+    with pytest.raises(ValueError, match="2 classes for 3 images"):
+        ex.explain(scorer, images, image_classes=["b", "c"])
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    rows = [{"path": f"{i}.png", "status": "ok", "score": 0.5, "label_pred": label,
+             "p_a": 0.5, "p_b": 0.3, "p_c": 0.2, "flags": "", "embryo_id": "",
+             "patient_id": "P1", "rank_in_cohort": i + 1}
+            for i, label in enumerate(["b", "a", "not-a-class"])]
+    pd.DataFrame(rows).to_csv(folder / "scores.csv", index=False)
+    asked: list[list[str | None]] = []
+    real = ex.heatmaps
+
+    def spy(scorer: OnnxScorer, images: list, class_name: str | None = None,
+            refine: int | None = None, image_classes: list | None = None) -> list:
+        asked.append(list(image_classes or []))
+        return real(scorer, images, class_name, refine, image_classes)
+
+    monkeypatch.setattr(ex, "heatmaps", spy)
+    page = write_report(folder / "scores.csv", bundle_dir, tmp_path / "r.html").read_text()
+    assert asked == [["b", "a", None]]  # an unknown label: the model's own prediction
+    assert page.count("data:image/jpeg;base64,") == 6  # 3 thumbnails + 3 heatmaps
+    assert "support the class predicted for it" in page
+
+
 def test_heatmap_size_range_and_class_choice(bundle_dir: Path, synth_data: Path) -> None:
     scorer = OnnxScorer(read_bundle(bundle_dir), threads=1, precision="fp32")
     paths, images = _images(synth_data, 6)

@@ -155,7 +155,7 @@ def write_report(
     root = _image_root(images, scores)
     maker = Heatmaps(bundle, heatmaps, threads)
     add_pictures(rows, root, maker, max_thumbnails, thumbnail_size, progress)
-    notes = _picture_notes(rows, root, maker, max_thumbnails)
+    notes = _picture_notes(rows, root, maker, max_thumbnails, bundle.positive_class)
     shift = run_shift(scores, bundle, rows)
     notes.append(shift_note(shift))
     sections = [validation_banner(bundle), prior_banner(run_prior_warning(scores)),
@@ -178,15 +178,18 @@ def _image_root(images: str | os.PathLike[str] | None, scores: Path) -> Path:
 
 
 def _picture_notes(rows: list[ReportRow], root: Path, maker: Heatmaps,
-                   max_thumbnails: int) -> list[str]:
+                   max_thumbnails: int, positive: str) -> list[str]:
     """The lines "About this report" says about the pictures: what the heatmaps show (or why
     there are none), rows past the cap, images not found or not readable (logged too)."""
     notes = []
     if maker.note:
         notes.append(f"Heatmaps: {maker.note}.")
     else:
-        notes.append("Heatmaps: the brighter the colour, the more that part of the image "
-                     "raised the score (class activation map).")
+        notes.append("Heatmaps: each shows the parts of the image that support the class "
+                     "predicted for it (class activation map): for an embryo predicted "
+                     f"“{positive}”, what raised its score; for one predicted otherwise, what "
+                     "lowered it. The brighter the colour, the stronger, relative within one "
+                     "image; no colour: nothing in the image stands out.")
     if len(rows) > max_thumbnails:
         notes.append(f"Pictures are embedded for the first {max_thumbnails} of {len(rows)} "
                      "images only, to keep the file small; the others are listed without.")

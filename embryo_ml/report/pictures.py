@@ -78,17 +78,22 @@ class Heatmaps:
         self.explain = explain
         self.scorer = OnnxScorer(bundle, threads, precision="fp32")  # the cam is fp32's
 
-    def overlays(self, images: list[np.ndarray], thumbs: list[np.ndarray]
-                 ) -> list[tuple[str, str]]:
+    def overlays(self, images: list[np.ndarray], thumbs: list[np.ndarray],
+                 labels: list[str] | None = None) -> list[tuple[str, str]]:
         """(data URI, "") or ("", why not) per decoded image and its thumbnail; one batch of
-        model runs for all of them."""
+        model runs for all of them. `labels`: the class the scores file predicts for each
+        image, whose evidence its heatmap shows (a label not among the bundle's classes, or
+        none: the class the model predicts from the image)."""
         if self.scorer is None or not images:
             return [("", self.note)] * len(images)
+        known = set(self.scorer.bundle.classes)
+        classes = [c if c in known else None for c in (labels or [None] * len(images))]
         try:
-            heats = self.explain.heatmaps(self.scorer, images)
+            heats = self.explain.heatmaps(self.scorer, images, image_classes=classes)
         except Exception as error:  # heatmaps must not stop the report: try one by one
             if len(images) > 1:
-                return [self.overlays([i], [t])[0] for i, t in zip(images, thumbs)]
+                return [self.overlays([i], [t], [c])[0]
+                        for i, t, c in zip(images, thumbs, classes)]
             return [("", f"heatmap failed: {error.__class__.__name__}: {error}")]
         if heats is None:
             self.scorer, self.note = None, "no heatmap (bundle has no CAM output)"
@@ -125,7 +130,8 @@ def _picture_batch(batch: list[ReportRow], root: Path, heatmaps: Heatmaps, size:
             scored.append((row, image, thumb))
         else:
             row.heat_note = "not scored"
-    results = heatmaps.overlays([i for _, i, _ in scored], [t for _, _, t in scored])
+    results = heatmaps.overlays([i for _, i, _ in scored], [t for _, _, t in scored],
+                                [r.label for r, _, _ in scored])
     for (row, _, _), (uri, note) in zip(scored, results):
         row.heat, row.heat_note = uri, note
 

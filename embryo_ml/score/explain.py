@@ -176,17 +176,26 @@ def _predicted(scorer: OnnxScorer, logits: np.ndarray) -> tuple[np.ndarray, np.n
 
 def explain(
     scorer: OnnxScorer, images: Sequence[np.ndarray], class_name: str | None = None,
-    refine: int | None = None,
+    refine: int | None = None, image_classes: Sequence[str | None] | None = None,
 ) -> list[Explanation] | None:
     """An `Explanation` per RGB uint8 image (heatmap at the image's own size), for `class_name`
     or each image's predicted class; None when the bundle has no class activation map. The whole
-    batch goes through one ONNX run per refinement shift."""
+    batch goes through one ONNX run per refinement shift.
+
+    `image_classes`: one class per image instead (None = that image's predicted class). The
+    report passes each row's `label_pred`, so that a heatmap always shows the evidence for the
+    class printed beside it, also where the day prior, which this model run does not see,
+    decided the label."""
     bundle = scorer.bundle
     if not has_cam(scorer):
         return None
-    if class_name is not None and class_name not in bundle.classes:
-        raise BundleError(f"class {class_name!r} is not one of the bundle's classes "
-                          f"{bundle.classes}")
+    wanted = list(image_classes) if image_classes is not None else [class_name] * len(images)
+    if len(wanted) != len(images):
+        raise ValueError(f"{len(wanted)} classes for {len(images)} images")
+    for name in {w for w in wanted if w is not None}:
+        if name not in bundle.classes:
+            raise BundleError(f"class {name!r} is not one of the bundle's classes "
+                              f"{bundle.classes}")
     if not images:
         return []
     batch = np.stack([scorer.prepare(image) for image in images])
@@ -194,8 +203,9 @@ def explain(
     predicted, scores = _predicted(scorer, logits)
     margins = decision_margins(scorer)
     out = []
-    for image, cam, guess, score in zip(images, cams, predicted, scores, strict=True):
-        index = int(guess) if class_name is None else bundle.classes.index(class_name)
+    for image, cam, guess, score, name in zip(images, cams, predicted, scores, wanted,
+                                              strict=True):
+        index = int(guess) if name is None else bundle.classes.index(name)
         height, width = image.shape[:2]
         raw = cv2.resize(evidence(cam, index, margins[index]), (width, height),
                          interpolation=cv2.INTER_LINEAR)
@@ -206,10 +216,10 @@ def explain(
 
 def heatmaps(
     scorer: OnnxScorer, images: Sequence[np.ndarray], class_name: str | None = None,
-    refine: int | None = None,
+    refine: int | None = None, image_classes: Sequence[str | None] | None = None,
 ) -> list[np.ndarray] | None:
     """One (H, W) float32 heatmap in [0, 1] per image (see `explain`); None without a cam."""
-    explained = explain(scorer, images, class_name, refine)
+    explained = explain(scorer, images, class_name, refine, image_classes)
     return None if explained is None else [e.heat for e in explained]
 
 
