@@ -317,6 +317,59 @@ def test_cli_explain_writes_image_and_overlay(
     assert "evidence for 'poor'" in capsys.readouterr().out
 
 
+def test_explain_with_the_day_gives_the_scores_file_score(
+    bundle_dir: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle with a day prior: `explain --day` gives the score and predicted class `score`
+    gives from a manifest with that day; without it (or with a day the model has no offset
+    for) the score is the image alone and one warning line says so."""
+    import dataclasses
+    import re
+    import shutil
+
+    folder = tmp_path / "prior-bundle"
+    shutil.copytree(bundle_dir, folder)
+    offsets = {"3": -3.0, "5": 3.0}
+    bundle = read_bundle(folder)
+    write_bundle_json(dataclasses.replace(bundle, prior={
+        "column": "day", "temperature": bundle.temperature, "offsets": offsets,
+        "rates": {"3": 0.1, "5": 0.9}, "n_calibration": {"3": 20, "5": 20}}), folder)
+    scorer = OnnxScorer(read_bundle(folder), threads=1, precision="fp32")
+    paths, images = _images(synth_data, 6)
+    for day in ("3", "5", ""):
+        explained = ex.explain(scorer, images, prior_values=[day] * len(images))
+        rows = score_batch(scorer, [load_item(scorer, ScoreItem(str(p), str(p),
+                                                                prior_value=day))
+                                    for p in paths])
+        assert [e.score for e in explained] == pytest.approx(
+            [float(r["score"]) for r in rows], abs=1e-6), day
+        assert [e.class_name for e in explained] == [r["label_pred"] for r in rows], day
+        # the predicted class's map keeps some heat: its threshold moved with the day
+        assert all(e.heat.max() > 0 for e in explained), day
+    assert {e.class_name for e in ex.explain(scorer, images, prior_values=["5"] * 6)} == {"good"}
+    assert {e.class_name for e in ex.explain(scorer, images, prior_values=["3"] * 6)} == {"poor"}
+
+    source = write_image(tmp_path / "e.png", images[0])
+    printed: dict[str, tuple[float, str]] = {}
+    for day in ("5", "5.0", "", "7"):
+        args = ["-q", "explain", str(source), "--bundle", str(folder), "--out",
+                str(tmp_path / "o.png")] + (["--day", day] if day else [])
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        printed[day] = (float(re.search(r"score ([0-9.]+)", captured.out)[1]), captured.err)
+    expected = ex.explain(scorer, images[:1], prior_values=["5"])[0].score
+    assert printed["5"][0] == pytest.approx(expected, abs=1e-4) == printed["5.0"][0]
+    assert printed["5"][1] == printed["5.0"][1]  # (the fixture's inconclusive-check warning)
+    assert "--day" not in printed["5"][1]
+    assert printed[""][0] == printed["7"][0] != printed["5"][0]
+    day_lines = [line for line in printed[""][1].splitlines() if "--day" in line]
+    assert len(day_lines) == 1 and "image alone" in day_lines[0] and "(3, 5)" in day_lines[0]
+    assert "--day '7' is not one the model has a prior for (3, 5)" in printed["7"][1]
+    assert main(["-q", "explain", str(source), "--bundle", str(bundle_dir), "--out",
+                 str(tmp_path / "o.png"), "--day", "5"]) == 0
+    assert "--day is ignored: this model has no day prior" in capsys.readouterr().err
+
+
 def test_cli_explain_one_line_errors(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

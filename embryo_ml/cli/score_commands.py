@@ -200,6 +200,10 @@ def add_explain(parser: argparse.ArgumentParser) -> None:
                         help="PNG: the image and its heatmap overlay side by side")
     parser.add_argument("--class", dest="class_name", metavar="NAME",
                         help="show the evidence for this class (default: the predicted class)")
+    parser.add_argument("--day", default="", metavar="VALUE",
+                        help="the image's day (the value of the bundle's day-prior column), so "
+                             "that the score and predicted class are those `score` gives from a "
+                             "manifest with it (default: from the image alone)")
     add_threads(parser)
     add_trusted_key(parser)
     parser.set_defaults(func=run_explain)
@@ -211,9 +215,33 @@ def run_explain(args: argparse.Namespace) -> int:
 
     _check_trusted(args.bundle, args.trusted_key)
     result = explain_image(args.image, args.bundle, args.out, class_name=args.class_name,
-                           threads=args.threads)
+                           threads=args.threads, day=args.day)
     print(f"score {result.score:.4f} (calibrated probability of {result.positive_class!r}); "
           f"heatmap of the evidence for {result.class_name!r}")
     print(f"wrote {args.out} (left: the image, right: the heatmap over it)")
     _warn_about_bundle(args.bundle)  # after the work: an error stays the only line
+    note = _explain_day_note(args.bundle, args.day)
+    if note:
+        warn(note)
     return 0
+
+
+def _explain_day_note(bundle_dir: Path, day: str) -> str:
+    """Why `explain`'s score may differ from the scores file's: the model's day prior was not
+    used (no --day, or a day it has no offset for), or --day was given to a model without one."""
+    from embryo_ml.evaluation.prior import prior_value
+    from embryo_ml.export.bundle import read_bundle
+
+    prior = read_bundle(bundle_dir).prior
+    if prior is None:
+        return ("--day is ignored: this model has no day prior (its scores come from the image "
+                "alone)") if day else ""
+    column, known = prior["column"], sorted(prior["offsets"])
+    if not day:
+        return (f"this score is from the image alone: the model also uses the {column!r} where "
+                f"a manifest gives it ({', '.join(known)}); pass --day to see the score "
+                "`score` gives then")
+    if prior_value(day) not in prior["offsets"]:
+        return (f"--day {day!r} is not one the model has a prior for ({', '.join(known)}): "
+                "this score is from the image alone")
+    return ""

@@ -57,9 +57,10 @@ import numpy as np
 
 from embryo_ml.data.images import read_image
 from embryo_ml.errors import BundleError, ConfigError
+from embryo_ml.evaluation.prior import prior_value
 from embryo_ml.export.bundle import read_bundle
 from embryo_ml.fileio import atomic_write_bytes
-from embryo_ml.numeric import softmax
+from embryo_ml.score.batch import calibrated
 from embryo_ml.score.session import OnnxScorer
 
 MIN_CELLS = 8  # refine until the map has at least this many cells a side
@@ -141,17 +142,25 @@ def evidence(cam: np.ndarray, index: int, margin: float = 0.0) -> np.ndarray:
     return cam[index] - cam.mean(axis=0) - margin
 
 
-def decision_margins(scorer: OnnxScorer) -> np.ndarray:
+def decision_margins(scorer: OnnxScorer, offset: float = 0.0) -> np.ndarray:
     """Per main class, the evidence its map needs on average to be predicted: with two classes
-    +-T ln(t / (1 - t)) / 2 for the positive / the other class (threshold t, temperature T),
+    +-T (ln(t / (1 - t)) - offset) / 2 for the positive / the other class (threshold t,
+    temperature T, `offset` the day prior's logit offset of the image's day, 0 without one),
     else 0 (the most probable class wins)."""
     bundle = scorer.bundle
     margins = np.zeros(len(bundle.classes))
     if len(bundle.classes) == 2:
         t = min(max(bundle.threshold, 1e-6), 1 - 1e-6)
-        half = bundle.temperature * math.log(t / (1 - t)) / 2
+        half = bundle.temperature * (math.log(t / (1 - t)) - offset) / 2
         margins[bundle.positive_index], margins[1 - bundle.positive_index] = half, -half
     return margins
+
+
+def prior_offset(scorer: OnnxScorer, value: str) -> float:
+    """The bundle's day-prior logit offset for a day (`prior_value`-normalised), 0.0 where the
+    bundle has no prior or no offset for that day (scored from the image alone)."""
+    prior = scorer.bundle.prior
+    return float(prior["offsets"].get(value, 0.0)) if prior else 0.0
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:
@@ -163,11 +172,13 @@ def normalise(heat: np.ndarray) -> np.ndarray:
     return heat / top
 
 
-def _predicted(scorer: OnnxScorer, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class index per row by the scorer's label rule, calibrated positive-class score)."""
+def _predicted(scorer: OnnxScorer, logits: np.ndarray, prior_values: Sequence[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(class index per row by the scorer's label rule, calibrated positive-class score, with
+    the day prior where the row's day has an offset: the scorer's own `calibrated`)."""
     bundle = scorer.bundle
     n_classes, positive = len(bundle.classes), bundle.positive_index
-    probs = softmax(logits[:, :n_classes], bundle.temperature)
+    probs = calibrated(bundle, logits[:, :n_classes], prior_values)
     scores = probs[:, positive]
     if n_classes == 2:
         return np.where(scores >= bundle.threshold, positive, 1 - positive), scores
@@ -177,10 +188,16 @@ def _predicted(scorer: OnnxScorer, logits: np.ndarray) -> tuple[np.ndarray, np.n
 def explain(
     scorer: OnnxScorer, images: Sequence[np.ndarray], class_name: str | None = None,
     refine: int | None = None, image_classes: Sequence[str | None] | None = None,
+    prior_values: Sequence[str] | None = None,
 ) -> list[Explanation] | None:
     """An `Explanation` per RGB uint8 image (heatmap at the image's own size), for `class_name`
     or each image's predicted class; None when the bundle has no class activation map. The whole
     batch goes through one ONNX run per refinement shift.
+
+    `prior_values`: each image's day (`embryo_ml.evaluation.prior.prior_value`), for a bundle
+    with a day prior: the score and the predicted class are then those `score` gives from a
+    manifest with that day, and the class's map is judged against the threshold moved by the
+    day's offset; "" or None = from the image alone.
 
     `image_classes`: one class per image instead (None = that image's predicted class). The
     report passes each row's `label_pred`, so that a heatmap always shows the evidence for the
@@ -200,14 +217,15 @@ def explain(
         return []
     batch = np.stack([scorer.prepare(image) for image in images])
     logits, cams = class_activation(scorer, batch, refine)
-    predicted, scores = _predicted(scorer, logits)
-    margins = decision_margins(scorer)
+    days = list(prior_values) if prior_values is not None else [""] * len(images)
+    predicted, scores = _predicted(scorer, logits, days)
     out = []
-    for image, cam, guess, score, name in zip(images, cams, predicted, scores, wanted,
-                                              strict=True):
+    for image, cam, guess, score, name, day in zip(images, cams, predicted, scores, wanted, days,
+                                                   strict=True):
         index = int(guess) if name is None else bundle.classes.index(name)
+        margin = decision_margins(scorer, prior_offset(scorer, day))[index]
         height, width = image.shape[:2]
-        raw = cv2.resize(evidence(cam, index, margins[index]), (width, height),
+        raw = cv2.resize(evidence(cam, index, margin), (width, height),
                          interpolation=cv2.INTER_LINEAR)
         out.append(Explanation(normalise(raw), bundle.classes[index], float(score),
                                bundle.positive_class))
@@ -264,10 +282,12 @@ def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
 def explain_image(
     image_path: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],
     out: str | os.PathLike[str], class_name: str | None = None, threads: int | None = None,
+    day: str = "",
 ) -> Explanation:
     """`embryo-ml explain`: read one image, write `out` (PNG: the image | its heatmap overlay,
     at the image's own size), return the explanation. The bundle is verified first; a bundle
-    without a class activation map or an unreadable image raises a one-line error."""
+    without a class activation map or an unreadable image raises a one-line error. `day`: the
+    image's day, used as `score` uses a manifest's (the bundle's day prior)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the overlay is written as PNG; name it *.png")
@@ -278,7 +298,7 @@ def explain_image(
                           "export RUN_DIR --out BUNDLE")
     scorer = OnnxScorer(bundle, threads=threads, precision="fp32")
     image = read_image(image_path, scorer.max_pixels)
-    explained = explain(scorer, [image], class_name)
+    explained = explain(scorer, [image], class_name, prior_values=[prior_value(day)])
     assert explained is not None  # the bundle has a cam output
     write_png(out, side_by_side(image, explained[0].heat))
     return explained[0]
