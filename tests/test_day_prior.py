@@ -267,6 +267,14 @@ def test_a_run_where_the_day_predicts_the_label_carries_its_prior_to_the_scores(
     bundle = read_bundle(bundle_dir)
     assert bundle.prior is not None and bundle.prior["offsets"] == prior["offsets"]
     assert "Day prior on `day`: logit offsets" in (bundle_dir / "MODEL_CARD.md").read_text()
+    # the run folder lists each validation image's day: export fits the day check on it
+    # (tests/test_day_check.py); the card says which way it went
+    assert "day" in pd.read_csv(tmp_path / "run" / "val_predictions.csv").columns
+    card = (bundle_dir / "MODEL_CARD.md").read_text()
+    if bundle.day_check is None:
+        assert "No day check: a wrong day in a manifest moves the score" in card
+    else:
+        assert "Day check ('day_mismatch' flag)" in card and bundle.day_check["column"] == "day"
     with_day = score_images(manifest, bundle_dir, tmp_path / "with.csv", progress=False)
     assert with_day.prior_warning is None
     without = pd.read_csv(manifest).drop(columns="day")

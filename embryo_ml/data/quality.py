@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 FLAG_NAMES = ("blurry", "under_exposed", "over_exposed", "no_embryo", "out_of_distribution",
-              "uncertain")
+              "uncertain", "day_mismatch")
 
 DARK_LEVEL = 5  # grey levels <= this count as clipped black
 BRIGHT_LEVEL = 250  # grey levels >= this count as clipped white

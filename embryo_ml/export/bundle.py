@@ -50,6 +50,7 @@ from embryo_ml.errors import BundleError
 from embryo_ml.evaluation.gate import FAILED, PASSED
 from embryo_ml.export.bundle_checks import (
     conformal_problem,
+    day_check_problem,
     heads_problem,
     input_problem,
     is_text,
@@ -120,6 +121,10 @@ class Bundle:
     # column; `temperature` and `threshold` serve both. None = the
     # image alone (more than two classes, no such column, or a bundle from before it).
     prior: dict[str, Any] | None = None
+    # The day check (embryo_ml.evaluation.day_check): {"column", "classes", "alpha", "models":
+    # {precision: {"mean", "scale", "coef", "intercept", "limit", ...}}, ...}: the `day_mismatch`
+    # flag. None = no check (no day prior, or features that do not tell the days apart).
+    day_check: dict[str, Any] | None = None
     # The facts of MODEL_CARD.md (embryo_ml.export.model_card); None = no model card.
     model_card: dict[str, Any] | None = None
     model_card_sha256: str | None = None  # of MODEL_CARD.md; set with `model_card`
@@ -319,7 +324,8 @@ def _files_problem(b: Bundle) -> str | None:
 
 
 _PROBLEMS = (model_problem, input_problem, heads_problem, _files_problem, ood_problem,
-             conformal_problem, prior_problem, quality_problem, provenance_problem)
+             conformal_problem, prior_problem, day_check_problem, quality_problem,
+             provenance_problem)
 
 
 def bundle_problem(bundle: Bundle) -> str | None:

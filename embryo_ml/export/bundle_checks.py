@@ -14,6 +14,8 @@ import json
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from embryo_ml.data.heads import layout_problem
 from embryo_ml.evaluation.gate import PASSED_FOR_VERDICT, VERDICTS
 
@@ -215,6 +217,55 @@ def prior_problem(b: Bundle) -> str | None:
             and all(is_text(k) and _finite(v) for k, v in offsets.items())):
         return (f"'prior' 'offsets' must map each value of {record.get('column')!r} to a finite "
                 f"number, got {offsets!r}")
+    return None
+
+
+def day_check_problem(b: Bundle) -> str | None:
+    """The day check: a column, two or more days, and per precision a read-out whose arrays fit
+    one another (`embryo_ml.evaluation.day_check`) and a finite limit."""
+    record = b.day_check
+    if not isinstance(record, dict):
+        return _not_an_object("day_check", record)
+    if not is_text(record.get("column")):
+        return f"'day_check' 'column' must be a column name, got {record.get('column')!r}"
+    classes = record.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(map(is_text, classes))):
+        return f"'day_check' 'classes' must be two or more values, got {classes!r}"
+    prior_column = b.prior.get("column") if isinstance(b.prior, dict) else None
+    if record.get("column") != prior_column:
+        return (f"'day_check' 'column' must be the column of the day prior ({prior_column!r}), "
+                f"got {record.get('column')!r}")
+    if not isinstance(b.ood, dict):
+        return "'day_check' reads the model's features, which only a bundle with 'ood' fetches"
+    models = record.get("models")
+    if not (isinstance(models, dict) and "fp32" in models):
+        return "'day_check' 'models' must hold at least the 'fp32' read-out"
+    for precision, model in models.items():
+        problem = _read_out_problem(model, len(classes), b.ood.get("feature_dim"))
+        if problem:
+            return f"'day_check' '{precision}' {problem}"
+    return None
+
+
+def _read_out_problem(model: object, n_days: int, width: object) -> str | None:
+    if not isinstance(model, dict):
+        return f"must be an object, got {model!r}"
+    try:
+        mean, scale = (np.asarray(model[k], dtype=np.float64) for k in ("mean", "scale"))
+        coef = np.asarray(model["coef"], dtype=np.float64)
+        intercept = np.asarray(model["intercept"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as error:
+        return f"needs numeric 'mean', 'scale', 'coef' and 'intercept' ({error})"
+    if not (mean.shape == (width,) and scale.shape == (width,) and coef.shape == (n_days, width)
+            and intercept.shape == (n_days,)):
+        return (f"arrays do not fit: mean {mean.shape}, scale {scale.shape}, coef "
+                f"{coef.shape}, intercept {intercept.shape} for {n_days} days and {width} "
+                "features")
+    if not all(np.isfinite(a).all() for a in (mean, scale, coef, intercept)) or (
+            scale <= 0).any():
+        return "arrays must be finite, with every scale > 0"
+    if not _finite(model.get("limit")):
+        return f"'limit' must be a finite number, got {model.get('limit')!r}"
     return None
 
 

@@ -30,6 +30,13 @@ OOD_TEXT = {
                "on images like the validation ones",
     "file": "the reference features, in the bundle folder",
 }
+DAY_CHECK_TEXT = {
+    "column": "the manifest column the check reads (the day prior's)",
+    "classes": "the days it knows; an image of another day, or without one, is never flagged",
+    "caught_on_validation": "share of wrong days it flagged on the validation images, per "
+                            "model precision (a little optimistic: the limit was set on them)",
+    "expected_rate": "at most this share of right days is flagged, per model precision",
+}
 CONFORMAL_TEXT = {
     "alpha": "each class's prediction sets miss its true images at most this often",
     "score": "the nonconformity score",
@@ -244,6 +251,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
               *_settings_lines("Out-of-distribution flag", facts.get("ood"), OOD_TEXT),
               *_settings_lines("Conformal 'uncertain' flag", facts.get("conformal"),
                                CONFORMAL_TEXT),
+              *(_settings_lines("Day check ('day_mismatch' flag)", facts["day_check"],
+                                DAY_CHECK_TEXT) if facts.get("day_check") else []),
               "## Known limitations", ""]
     lines += [f"- {t}" for t in facts.get("limitations") or []] or ["None recorded."]
     return "\n".join(lines).rstrip() + "\n"

@@ -234,7 +234,25 @@ def limitations(facts: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
                    "model's outputs flags unusual images.")
     if facts.get("conformal") is None:
         out.append("No conformal prediction sets: images are not flagged as uncertain.")
+    prior = metrics.get("prior")
+    if isinstance(prior, dict) and facts.get("day_check") is None:
+        out.append(f"No day check: a wrong {prior.get('column')} in a manifest moves the score "
+                   "without a day_mismatch flag (the model's features do not tell the days "
+                   "apart well enough).")
+    elif facts.get("day_check"):
+        out.append("The day check catches only some wrong days (see Trust settings): a missing "
+                   "day_mismatch flag does not prove the day right.")
     return out
+
+
+def _day_check_facts(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a reader needs of the day check (not its weights)."""
+    if record is None:
+        return None
+    models = record.get("models") or {}
+    return {"column": record.get("column"), "classes": record.get("classes"),
+            "caught_on_validation": {k: m.get("caught_on_validation") for k, m in models.items()},
+            "expected_rate": {k: m.get("expected_rate") for k, m in models.items()}}
 
 
 def model_card_facts(run_dir: str | Path, bundle: Bundle) -> dict[str, Any]:
@@ -264,6 +282,7 @@ def model_card_facts(run_dir: str | Path, bundle: Bundle) -> dict[str, Any]:
                   if isinstance(refit, dict) else None),
         "ood": bundle.ood,
         "conformal": bundle.conformal,
+        "day_check": _day_check_facts(bundle.day_check),
     }
     facts["limitations"] = limitations(facts, metrics)
     return json_safe(facts)

@@ -53,7 +53,7 @@ from embryo_ml.export.onnx_model import (
     has_pooled_features,
 )
 from embryo_ml.export.quantize import build_int8
-from embryo_ml.export.trust import build_reference, conformal_record
+from embryo_ml.export.trust import build_day_check, build_reference, conformal_record
 from embryo_ml.fileio import recover_folder, replace_folder
 from embryo_ml.train.models import build_model
 from embryo_ml.train.run_folder import BEST_FILE, METRICS_FILE, QUALITY_FILE, load_best
@@ -205,6 +205,11 @@ def _assemble(staging: Path, model: nn.Module, source: _Source,
         int8=int8_entry, ood=ood,
         conformal=conformal_record(source.run_dir, classes, source.trust.conformal_alpha),
         prior=metrics.get("prior"),
+        day_check=build_day_check(staging, models, source.run_dir, metrics.get("prior"),
+                                  size=size, mean=mean, std=std, input_name="image",
+                                  trust=source.trust,
+                                  seed=int(checkpoint["config"].get("seed", 0)))
+        if ood else None,
         validation=bundle_validation(validation),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )

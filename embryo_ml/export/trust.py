@@ -28,6 +28,7 @@ from embryo_ml.config import TrustConfig
 from embryo_ml.data.preprocess import preprocess, read_for_model
 from embryo_ml.errors import ImageReadError
 from embryo_ml.evaluation.conformal import fit_conformal
+from embryo_ml.evaluation.day_check import fit_day_check
 from embryo_ml.evaluation.ood import (
     FEATURE_OUTPUT,
     METHOD,
@@ -36,6 +37,7 @@ from embryo_ml.evaluation.ood import (
     knn_distance,
     normalise,
 )
+from embryo_ml.evaluation.prior import prior_value
 from embryo_ml.export.bundle import file_sha256
 from embryo_ml.export.quantize import cpu_session, validation_images
 from embryo_ml.fileio import atomic_open
@@ -147,6 +149,67 @@ def build_reference(
             "shift_p": trust.shift_p, "n_reference": n_ref, "n_calibration": n_cal,
             "feature_dim": int(vectors["fp32"].shape[1]), "limits": limits,
             "expected_rate": rates, "calibration_seen_in_training": refit}
+
+
+def _column_values(run_dir: Path, table_file: str, column: str) -> tuple[list[str], list[str]]:
+    """(paths, normalised values of `column`) of a run table; ([], []) without the column."""
+    path = run_dir / table_file
+    if not path.is_file():
+        return [], []
+    table = pd.read_csv(path, dtype="string", keep_default_na=False)
+    if column not in table.columns:
+        return [], []
+    table = table[table["path"] != ""]
+    return table["path"].tolist(), [prior_value(v) for v in table[column]]
+
+
+def _labelled_features(sessions: dict[str, Any], paths: Sequence[str], values: Sequence[str],
+                       size: int, mean: Sequence[float], std: Sequence[float], input_name: str
+                       ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """`_features` of the readable images of `paths`, with the `values` of those images."""
+    kept = []
+    for path, value in zip(paths, values, strict=True):
+        try:
+            kept.append((preprocess(read_for_model(path, size), size, mean, std), value))
+        except ImageReadError:
+            continue
+    found: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    for start in range(0, len(kept), BATCH):
+        batch = np.stack([x for x, _ in kept[start:start + BATCH]])
+        for name, session in sessions.items():
+            found[name].append(session.run([FEATURE_OUTPUT], {input_name: batch})[0])
+    features = {name: (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+                for name, parts in found.items()}
+    return features, [v for _, v in kept]
+
+
+def build_day_check(
+    staging: Path, models: dict[str, str], run_dir: Path, prior: dict[str, Any] | None, *,
+    size: int, mean: Sequence[float], std: Sequence[float], input_name: str,
+    trust: TrustConfig, seed: int = 0,
+) -> dict[str, Any] | None:
+    """The bundle's `day_check` record (`embryo_ml.evaluation.day_check`), for a run with a day
+    prior whose model has a features output; None (logged) otherwise."""
+    if prior is None or not has_feature_output(staging / models["fp32"]):
+        return None
+    column = str(prior["column"])
+    train_paths, train_days = _column_values(run_dir, TRAIN_IMAGES_FILE, column)
+    val_paths, val_days = _column_values(run_dir, VAL_PREDICTIONS_FILE, column)
+    if not train_paths or not val_paths:
+        log.warning("no day check: the run folder does not list the '%s' of its training and "
+                    "validation images (a run from an older version)", column)
+        return None
+    chosen = _spread(list(range(len(train_paths))), trust.ood_reference_images, seed)
+    sessions = {name: cpu_session(staging / file) for name, file in models.items()}
+    train, train_kept = _labelled_features(sessions, [train_paths[i] for i in chosen],
+                                           [train_days[i] for i in chosen], size, mean, std,
+                                           input_name)
+    calibration, val_kept = _labelled_features(sessions, val_paths, val_days, size, mean, std,
+                                               input_name)
+    record, note = fit_day_check(train, train_kept, calibration, val_kept, column,
+                                 trust.ood_alpha)
+    (log.info if record else log.warning)("%s", note)
+    return record
 
 
 def _is_refit(run_dir: Path) -> bool:

@@ -117,8 +117,12 @@ def _prior_fact(bundle: Bundle) -> list[tuple[str, object]]:
         return []
     column = bundle.prior["column"]
     offsets = ", ".join(f"{column} {k}: {v:+.2f}" for k, v in bundle.prior["offsets"].items())
+    check = bundle.day_check
+    checked = (f"images that do not look like the {column} given are flagged “day does not "
+               f"match” ({', '.join(check['classes'])})" if check else
+               f"no check that the {column} given matches the image")
     return [("Day prior", f"where the manifest gives the {column}, the score adds its logit "
-                          f"offset ({offsets}); without it, the image alone")]
+                          f"offset ({offsets}); without it, the image alone; {checked}")]
 
 
 def _metrics_html(bundle: Bundle) -> str:

@@ -22,6 +22,8 @@ FLAG_TEXT = {
                            "the score may not be reliable",
     "uncertain": "uncertain: the model cannot settle on one class for this image at its "
                  "stated confidence level — judge this embryo yourself",
+    "day_mismatch": "day does not match: the embryo does not look like one of the day the "
+                    "manifest gives, and the score used that day — check the day",
 }
 JUDGEMENT_NOTE = ("This report supports, and does not replace, the embryologist's judgement. "
                   "Every decision stays with the embryologist.")

@@ -34,6 +34,7 @@ import numpy as np
 from embryo_ml.data.heads import Heads, grade_column_names, main_logits, predicted_grades
 from embryo_ml.data.quality import join_flags
 from embryo_ml.errors import ImageReadError
+from embryo_ml.evaluation.day_check import day_flags
 from embryo_ml.evaluation.prior import apply_prior, two_class_margin
 from embryo_ml.export.bundle import Bundle
 from embryo_ml.numeric import softmax
@@ -115,9 +116,11 @@ def _model_columns(scorer: OnnxScorer, images: list[LoadedImage]
         logits, features = scorer.outputs(pixels)
         plain = logits
     scorer.check_width(logits.shape[1])
-    probs = calibrated(bundle, main_logits(logits, len(bundle.classes)),
-                       [image.item.prior_value for image in images])
-    model_flags = scorer.model_flags(plain, features)
+    days = [image.item.prior_value for image in images]
+    probs = calibrated(bundle, main_logits(logits, len(bundle.classes)), days)
+    model_flags = [flags + day for flags, day in zip(
+        scorer.model_flags(plain, features),
+        day_flags(bundle.day_check, scorer.precision, features, days), strict=True)]
     grades = predicted_grades(logits, bundle.heads or {})
     return [(flags, {**_probability_columns(bundle, p), **grade})
             for flags, p, grade in zip(model_flags, probs, grades, strict=True)]

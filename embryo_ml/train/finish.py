@@ -228,13 +228,17 @@ def write_run_files(setup: RunSetup, final: FinalValidation) -> None:
                run_dir / QUALITY_FILE)
     atomic_write_text(run_dir / VAL_PREDICTIONS_FILE,
                       _val_predictions(setup, final).to_csv(index=False))
-    atomic_write_text(run_dir / TRAIN_IMAGES_FILE,
-                      training_images(run, run.train_idx).to_csv(index=False))
+    listed = training_images(run, run.train_idx)
+    column = cfg.calibration.prior_column
+    if column and column in run.table.columns and column not in listed.columns:
+        listed[column] = run.table[column].iloc[run.train_idx].to_numpy()  # the day check's
+    atomic_write_text(run_dir / TRAIN_IMAGES_FILE, listed.to_csv(index=False))
 
 
 def _val_predictions(setup: RunSetup, final: FinalValidation) -> pd.DataFrame:
-    """val_predictions.csv: path, true label, calibrated probabilities, the predicted label
-    and the grade heads' columns."""
+    """val_predictions.csv: path, true label, calibrated probabilities, the predicted label,
+    the grade heads' columns and, where the data has it, the day-prior column (export fits
+    the day check on it)."""
     run, probs = setup.run, final.probs
     predictions = pd.DataFrame({"path": [run.paths[i] for i in run.val_idx],
                                 "label": [run.classes[t] for t in final.out.targets]})
@@ -242,6 +246,9 @@ def _val_predictions(setup: RunSetup, final: FinalValidation) -> pd.DataFrame:
         predictions[f"p_{name}"] = probs[:, i]
     predictions["label_pred"] = [run.classes[i] for i in predict_classes(
         probs, run.positive_index, final.calibrated["threshold"])]
+    column = setup.cfg.calibration.prior_column
+    if column and column in run.table.columns and column not in predictions.columns:
+        predictions[column] = run.table[column].iloc[run.val_idx].to_numpy()
     return predictions.assign(**head_columns(final.full.logits, final.full.targets, run.heads))
 
 
