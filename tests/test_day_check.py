@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from embryo_ml.cli import main
 from embryo_ml.errors import BundleError
 from embryo_ml.evaluation.day_check import FLAG, day_flags, day_scores, fit_day_check
 from embryo_ml.export.bundle import read_bundle, write_bundle_json
@@ -106,7 +107,7 @@ def _with_day_check(bundle_dir: Path, folder: Path, change=None) -> Path:  # noq
 
 
 def test_score_flags_the_day_the_image_does_not_match_and_the_report_says_it(
-    bundle_dir: Path, synth_data: Path, tmp_path: Path
+    bundle_dir: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle = _with_day_check(bundle_dir, tmp_path / "bundle")
     images = pd.read_csv(synth_data)["path"].head(4)
@@ -118,9 +119,16 @@ def test_score_flags_the_day_the_image_does_not_match_and_the_report_says_it(
     pd.DataFrame({"path": [f"e{i}.png" for i in range(4)],
                   "day": ["3", "5", "", "4"]}).to_csv(manifest, index=False)
     out = tmp_path / "scores.csv"
-    score_images(manifest, bundle, out)
+    summary = score_images(manifest, bundle, out, progress=False)
     flags = pd.read_csv(out, keep_default_na=False).set_index("path")["flags"]
     assert [FLAG in flags[f"e{i}.png"] for i in range(4)] == [True, False, False, False]
+    assert summary.day_warning is not None
+    assert summary.day_warning.startswith("1 of 4 images do not look like the 'day'")
+    # the command line says it in one warning line beside the results
+    assert main(["-q", "score", str(manifest), "--bundle", str(bundle), "--out",
+                 str(tmp_path / "cli.csv")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if FLAG in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: 1 of 4 images do not look like")
     page = write_report(out, bundle, tmp_path / "r.html").read_text(encoding="utf-8")
     assert FLAG_TEXT[FLAG].split(" — ")[0] in page
 

@@ -165,6 +165,7 @@ def run_score(args: argparse.Namespace) -> int:
     _print_scored(summary)
     warn(summary.validation_warning)  # beside the results it qualifies
     warn(summary.prior_warning)  # images scored without the day prior the model was fit with
+    warn(summary.day_warning)  # images whose stated day they do not look like (day_mismatch)
     warn(shift_warning(summary.shift))  # `warning: dataset shift: ...` for a shifted run
     if args.report is not None:
         _write_report(args, summary.out, args.images)

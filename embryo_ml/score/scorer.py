@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +52,7 @@ from embryo_ml.data.scores_file import (
     write_table,
 )
 from embryo_ml.errors import ConfigError
+from embryo_ml.evaluation.day_check import FLAG as DAY_FLAG
 from embryo_ml.export.bundle import Bundle, read_bundle, validation_warning
 from embryo_ml.fileio import atomic_write_text
 from embryo_ml.score.batch import LoadedImage, load_item, score_batch, score_columns
@@ -103,6 +104,8 @@ class ScoreSummary:
     validation_warning: str | None = None
     # Set when the bundle's day prior could not apply to some images (`PriorCoverage`).
     prior_warning: str | None = None
+    # Set when rows of the output are flagged day_mismatch (`day_mismatch_warning`).
+    day_warning: str | None = None
     # The dataset-shift record of the whole output (`embryo_ml.score.shift.shift_record`), also
     # in the settings sidecar under "shift"; None until a run finishes.
     shift: dict[str, Any] | None = None
@@ -299,6 +302,22 @@ class _Run:
         return self.summary
 
 
+def day_mismatch_warning(column: str, rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """One line counting the scored rows flagged `day_mismatch`, None when there are none: a
+    typed day the images do not match moved their scores (a shifted column, swapped days)."""
+    n_flagged = n_scored = 0
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        n_scored += 1
+        n_flagged += DAY_FLAG in str(row.get("flags") or "").split(";")
+    if not n_flagged:
+        return None
+    return (f"{n_flagged} of {n_scored} images do not look like the '{column}' their manifest "
+            f"gives (flag {DAY_FLAG}), and their scores used that {column}: check the "
+            f"manifest's '{column}' column for those images")
+
+
 def finish_scores(out: Path, bundle: Bundle, settings: dict[str, Any], cohorts: Cohorts,
                   summary: ScoreSummary, write_ranked: Callable[[RankRow], None],
                   written_rows: Callable[[], Iterable[dict[str, Any]]]) -> None:
@@ -316,6 +335,8 @@ def finish_scores(out: Path, bundle: Bundle, settings: dict[str, Any], cohorts: 
     summary.n_embryos = len(cohorts)
     # every row of the output, resumed ones too; the sidecar gains the record at the very end
     summary.shift = shift_record(bundle, summary.precision, written_rows())
+    if bundle.day_check is not None:
+        summary.day_warning = day_mismatch_warning(bundle.day_check["column"], written_rows())
     said = {"prior_warning": summary.prior_warning} if summary.prior_warning else {}
     atomic_write_text(settings_path(out),
                       json.dumps({**settings, "shift": summary.shift, **said}, indent=2) + "\n")
