@@ -189,3 +189,18 @@ class _MeanColour:
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [feeds["image"].mean(axis=(2, 3))]
+
+
+def test_the_served_model_flags_a_wrong_day_too(bundle_dir: Path, synth_data: Path,
+                                                tmp_path: Path) -> None:
+    import base64
+
+    from embryo_ml.score.session import OnnxScorer
+    from embryo_ml.serving.pyfunc import predict_frame
+
+    bundle = read_bundle(_with_day_check(bundle_dir, tmp_path / "bundle"))
+    first = synth_data.parent / pd.read_csv(synth_data)["path"].iloc[0]
+    encoded = base64.b64encode(first.read_bytes()).decode()
+    frame = pd.DataFrame({"image_base64": [encoded] * 3, "day": ["3", "5", None]})
+    flags = predict_frame(OnnxScorer(bundle), frame)["flags"].fillna("").tolist()
+    assert [FLAG in f for f in flags] == [True, False, False]
