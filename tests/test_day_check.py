@@ -171,23 +171,32 @@ def test_export_fits_the_check_from_the_run_folder(tmp_path: Path) -> None:
         run / "train_images.csv", index=False)
     pd.DataFrame(val, columns=["path", "day"]).assign(label="good").to_csv(
         run / "val_predictions.csv", index=False)
-    sessions = {"fp32": _MeanColour()}
+    session = _MeanColour()
+    shared = trust.ImageFeatures({"fp32": session}, 16, [0.5] * 3, [0.5] * 3, "image")
     paths, days = trust._column_values(run, "train_images.csv", "day")
-    features, kept = trust._labelled_features(sessions, paths, days, 16, [0.5] * 3, [0.5] * 3,
-                                              "image")
-    assert len(kept) == 40 and len(features["fp32"]) == 40
+    features, kept = shared.of(paths)
+    assert kept == list(range(40)) and len(features["fp32"]) == 40  # the missing one left out
     red = features["fp32"][:, 0] > features["fp32"][:, 2]
-    assert [d == "5" for d in kept] == red.tolist()  # each day stayed with its own image
-    cal, cal_days = trust._labelled_features(sessions, *trust._column_values(
-        run, "val_predictions.csv", "day"), 16, [0.5] * 3, [0.5] * 3, "image")
-    record, _ = fit_day_check(features, kept, cal, cal_days, "day", 0.05)
+    assert [days[i] == "5" for i in kept] == red.tolist()  # each day stayed with its image
+    cal_paths, cal_days = trust._column_values(run, "val_predictions.csv", "day")
+    cal, cal_kept = shared.of(cal_paths)
+    record, _ = fit_day_check(features, [days[i] for i in kept], cal,
+                              [cal_days[i] for i in cal_kept], "day", 0.05)
     assert record is not None and record["classes"] == ["3", "5"]
+    runs = session.images
+    again, _ = shared.of(paths[:10] + cal_paths[:5])  # already run: no new model runs
+    assert session.images == runs == 60
+    np.testing.assert_array_equal(again["fp32"][:10], features["fp32"][:10])
 
 
 class _MeanColour:
-    """An ONNX session stand-in whose `features` are the image's mean colour."""
+    """An ONNX session stand-in whose `features` are the image's mean colour; counts the images
+    it ran."""
+
+    images = 0
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.images += len(feeds["image"])
         return [feeds["image"].mean(axis=(2, 3))]
 
 

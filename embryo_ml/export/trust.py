@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,31 +67,48 @@ def _spread(paths: Sequence[str], limit: int, seed: int) -> list[str]:
     return [paths[i] for i in sorted(chosen)]
 
 
-def _batches(paths: Sequence[str], size: int, mean: Sequence[float],
-             std: Sequence[float]) -> Iterator[np.ndarray]:
-    """The readable images of `paths` as the scorer feeds them, BATCH at a time."""
-    batch = []
-    for path in paths:
-        try:
-            batch.append(preprocess(read_for_model(path, size), size, mean, std))
-        except ImageReadError:
-            continue
-        if len(batch) == BATCH:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
+class ImageFeatures:
+    """The `features` output of each exported model ("fp32", "int8") for images decoded exactly
+    as the scorer decodes them. Each image is read and run once per export: the
+    out-of-distribution reference and the day check read the same training and validation
+    images. `sessions`: precision -> an ONNX Runtime session (or anything with its `run`)."""
 
+    def __init__(self, sessions: dict[str, Any], size: int, mean: Sequence[float],
+                 std: Sequence[float], input_name: str) -> None:
+        self.sessions, self.size, self.mean, self.std = sessions, size, mean, std
+        self.input_name = input_name
+        self._done: dict[str, dict[str, np.ndarray] | None] = {}  # path -> None: unreadable
 
-def _features(sessions: dict[str, Any], paths: Sequence[str], size: int, mean: Sequence[float],
-              std: Sequence[float], input_name: str) -> dict[str, np.ndarray]:
-    """Per model ("fp32", "int8"): the `features` output of every readable image of `paths`."""
-    found: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
-    for batch in _batches(paths, size, mean, std):
-        for name, session in sessions.items():
-            found[name].append(session.run([FEATURE_OUTPUT], {input_name: batch})[0])
-    return {name: (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
-            for name, parts in found.items()}
+    @classmethod
+    def of_models(cls, staging: Path, models: dict[str, str], size: int, mean: Sequence[float],
+                  std: Sequence[float], input_name: str) -> ImageFeatures:
+        return cls({name: cpu_session(staging / file) for name, file in models.items()}, size,
+                   mean, std, input_name)
+
+    def _run(self, paths: Sequence[str]) -> None:
+        batch: list[tuple[str, np.ndarray]] = []
+        for path in paths:
+            try:
+                batch.append((path, preprocess(read_for_model(path, self.size), self.size,
+                                               self.mean, self.std)))
+            except ImageReadError:
+                self._done[path] = None
+            if len(batch) == BATCH or (batch and path == paths[-1]):
+                pixels = np.stack([x for _, x in batch])
+                found = {name: session.run([FEATURE_OUTPUT], {self.input_name: pixels})[0]
+                         for name, session in self.sessions.items()}
+                for row, (done, _) in enumerate(batch):
+                    self._done[done] = {name: f[row] for name, f in found.items()}
+                batch = []
+
+    def of(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """(precision -> (n, D) features of the readable images among `paths`, their indices
+        in `paths`); unreadable images are left out."""
+        self._run(list(dict.fromkeys(p for p in paths if p not in self._done)))
+        kept = [i for i, p in enumerate(paths) if self._done[p] is not None]
+        return ({name: (np.stack([self._done[paths[i]][name] for i in kept])  # type: ignore[index]
+                        if kept else np.zeros((0, 0), np.float32))
+                 for name in self.sessions}, kept)
 
 
 def has_feature_output(model_path: Path) -> bool:
@@ -104,10 +121,12 @@ def has_feature_output(model_path: Path) -> bool:
 def build_reference(
     staging: Path, models: dict[str, str], run_dir: Path, *, size: int, mean: Sequence[float],
     std: Sequence[float], input_name: str, trust: TrustConfig, seed: int = 0,
+    features: ImageFeatures | None = None,
 ) -> dict[str, Any] | None:
     """Write `staging/REFERENCE_FILE` and return the bundle's `ood` record, or None (logged).
 
-    `models`: precision ("fp32", "int8") -> model file in `staging`."""
+    `models`: precision ("fp32", "int8") -> model file in `staging`; `features`: the export's
+    shared `ImageFeatures` of those models (made here when not given)."""
     if not has_feature_output(staging / models["fp32"]):
         log.warning("no feature-space out-of-distribution check: the model has no '%s' output",
                     FEATURE_OUTPUT)
@@ -118,10 +137,9 @@ def build_reference(
                     "older version); out_of_distribution falls back to the logits' energy",
                     run_dir, TRAIN_IMAGES_FILE)
         return None
-    sessions = {name: cpu_session(staging / file) for name, file in models.items()}
-    reference = _features(sessions, _spread(train, trust.ood_reference_images, seed), size, mean,
-                          std, input_name)
-    calibration = _features(sessions, validation_images(run_dir), size, mean, std, input_name)
+    features = features or ImageFeatures.of_models(staging, models, size, mean, std, input_name)
+    reference = features.of(_spread(train, trust.ood_reference_images, seed))[0]
+    calibration = features.of(validation_images(run_dir))[0]
     n_ref, n_cal = len(reference["fp32"]), len(calibration["fp32"])
     if n_ref < trust.ood_k or n_cal < MIN_CALIBRATION:
         log.warning("no feature-space out-of-distribution check: %d readable training and %d "
@@ -163,33 +181,15 @@ def _column_values(run_dir: Path, table_file: str, column: str) -> tuple[list[st
     return table["path"].tolist(), [prior_value(v) for v in table[column]]
 
 
-def _labelled_features(sessions: dict[str, Any], paths: Sequence[str], values: Sequence[str],
-                       size: int, mean: Sequence[float], std: Sequence[float], input_name: str
-                       ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """`_features` of the readable images of `paths`, with the `values` of those images."""
-    kept = []
-    for path, value in zip(paths, values, strict=True):
-        try:
-            kept.append((preprocess(read_for_model(path, size), size, mean, std), value))
-        except ImageReadError:
-            continue
-    found: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
-    for start in range(0, len(kept), BATCH):
-        batch = np.stack([x for x, _ in kept[start:start + BATCH]])
-        for name, session in sessions.items():
-            found[name].append(session.run([FEATURE_OUTPUT], {input_name: batch})[0])
-    features = {name: (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
-                for name, parts in found.items()}
-    return features, [v for _, v in kept]
-
-
 def build_day_check(
     staging: Path, models: dict[str, str], run_dir: Path, prior: dict[str, Any] | None, *,
     size: int, mean: Sequence[float], std: Sequence[float], input_name: str,
-    trust: TrustConfig, seed: int = 0,
+    trust: TrustConfig, seed: int = 0, features: ImageFeatures | None = None,
 ) -> dict[str, Any] | None:
     """The bundle's `day_check` record (`embryo_ml.evaluation.day_check`), for a run with a day
-    prior whose model has a features output; None (logged) otherwise."""
+    prior whose model has a features output; None (logged) otherwise. The training images are
+    the same sample as the out-of-distribution reference's, so a shared `features` runs each
+    image once."""
     if prior is None or not has_feature_output(staging / models["fp32"]):
         return None
     column = str(prior["column"])
@@ -199,15 +199,12 @@ def build_day_check(
         log.warning("no day check: the run folder does not list the '%s' of its training and "
                     "validation images (a run from an older version)", column)
         return None
+    features = features or ImageFeatures.of_models(staging, models, size, mean, std, input_name)
     chosen = _spread(list(range(len(train_paths))), trust.ood_reference_images, seed)
-    sessions = {name: cpu_session(staging / file) for name, file in models.items()}
-    train, train_kept = _labelled_features(sessions, [train_paths[i] for i in chosen],
-                                           [train_days[i] for i in chosen], size, mean, std,
-                                           input_name)
-    calibration, val_kept = _labelled_features(sessions, val_paths, val_days, size, mean, std,
-                                               input_name)
-    record, note = fit_day_check(train, train_kept, calibration, val_kept, column,
-                                 trust.ood_alpha)
+    train, kept = features.of([train_paths[i] for i in chosen])
+    calibration, val_kept = features.of(val_paths)
+    record, note = fit_day_check(train, [train_days[chosen[i]] for i in kept], calibration,
+                                 [val_days[i] for i in val_kept], column, trust.ood_alpha)
     (log.info if record else log.warning)("%s", note)
     return record
 
