@@ -126,10 +126,10 @@ def fit_day_check(
     if cal_rows.sum() < MIN_CALIBRATION:
         return None, (f"no day check: {int(cal_rows.sum())} validation images with a known "
                       f"'{column}' (need {MIN_CALIBRATION})")
+    truth = np.array([classes.index(d) for d in c_days[cal_rows]])
     models: dict[str, Any] = {}
     caught = 0.0
     for precision in train:
-        truth = np.array([classes.index(d) for d in c_days[cal_rows]])
         held = np.asarray(calibration[precision])[cal_rows]
         best: dict[str, Any] | None = None
         for c in C_GRID:  # the strength that catches most wrong days at the limit it implies

@@ -58,7 +58,6 @@ from embryo_ml.export.trust import (
     build_day_check,
     build_reference,
     conformal_record,
-    has_feature_output,
 )
 from embryo_ml.fileio import recover_folder, replace_folder
 from embryo_ml.train.models import build_model
@@ -196,11 +195,9 @@ def _assemble(staging: Path, model: nn.Module, source: _Source,
     int8_entry = (_int8_model(staging, source, mean, std, threshold, temperature)
                   if int8 else None)
     models = {"fp32": MODEL_FILE} | ({"int8": int8_entry["file"]} if int8_entry else {})
-    features = (ImageFeatures.of_models(staging, models, size, mean, std, "image")
-                if has_feature_output(staging / MODEL_FILE) else None)  # shared: one run each
-    ood = build_reference(staging, models, source.run_dir, size=size, mean=mean, std=std,
-                          input_name="image", trust=source.trust,
-                          seed=int(checkpoint["config"].get("seed", 0)), features=features)
+    seed = int(checkpoint["config"].get("seed", 0))
+    features = ImageFeatures.of_models(staging, models, size, mean, std, "image")  # shared
+    ood = build_reference(staging, source.run_dir, features, trust=source.trust, seed=seed)
     bundle = Bundle(
         architecture=checkpoint["model_name"], classes=classes,
         positive_class=checkpoint["positive_class"], input_size=size, mean=mean, std=std,
@@ -213,12 +210,8 @@ def _assemble(staging: Path, model: nn.Module, source: _Source,
         int8=int8_entry, ood=ood,
         conformal=conformal_record(source.run_dir, classes, source.trust.conformal_alpha),
         prior=metrics.get("prior"),
-        day_check=build_day_check(staging, models, source.run_dir, metrics.get("prior"),
-                                  size=size, mean=mean, std=std, input_name="image",
-                                  trust=source.trust,
-                                  seed=int(checkpoint["config"].get("seed", 0)),
-                                  features=features)
-        if ood else None,
+        day_check=build_day_check(source.run_dir, metrics.get("prior"), features,
+                                  trust=source.trust, seed=seed) if ood else None,
         validation=bundle_validation(validation),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )

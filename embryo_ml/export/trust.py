@@ -81,7 +81,11 @@ class ImageFeatures:
 
     @classmethod
     def of_models(cls, staging: Path, models: dict[str, str], size: int, mean: Sequence[float],
-                  std: Sequence[float], input_name: str) -> ImageFeatures:
+                  std: Sequence[float], input_name: str) -> ImageFeatures | None:
+        """For `models` (precision -> model file in `staging`); None when the model has no
+        features output (checked once, on the fp32 model)."""
+        if not has_feature_output(staging / models["fp32"]):
+            return None
         return cls({name: cpu_session(staging / file) for name, file in models.items()}, size,
                    mean, std, input_name)
 
@@ -119,15 +123,14 @@ def has_feature_output(model_path: Path) -> bool:
 
 
 def build_reference(
-    staging: Path, models: dict[str, str], run_dir: Path, *, size: int, mean: Sequence[float],
-    std: Sequence[float], input_name: str, trust: TrustConfig, seed: int = 0,
-    features: ImageFeatures | None = None,
+    staging: Path, run_dir: Path, features: ImageFeatures | None, *, trust: TrustConfig,
+    seed: int = 0,
 ) -> dict[str, Any] | None:
     """Write `staging/REFERENCE_FILE` and return the bundle's `ood` record, or None (logged).
 
-    `models`: precision ("fp32", "int8") -> model file in `staging`; `features`: the export's
-    shared `ImageFeatures` of those models (made here when not given)."""
-    if not has_feature_output(staging / models["fp32"]):
+    `features`: the export's shared `ImageFeatures` of its models (`ImageFeatures.of_models`),
+    None when the model has no features output."""
+    if features is None:
         log.warning("no feature-space out-of-distribution check: the model has no '%s' output",
                     FEATURE_OUTPUT)
         return None
@@ -137,7 +140,6 @@ def build_reference(
                     "older version); out_of_distribution falls back to the logits' energy",
                     run_dir, TRAIN_IMAGES_FILE)
         return None
-    features = features or ImageFeatures.of_models(staging, models, size, mean, std, input_name)
     reference = features.of(_spread(train, trust.ood_reference_images, seed))[0]
     calibration = features.of(validation_images(run_dir))[0]
     n_ref, n_cal = len(reference["fp32"]), len(calibration["fp32"])
@@ -148,7 +150,7 @@ def build_reference(
         return None
     vectors = {name: normalise(x) for name, x in reference.items()}
     limits, rates = {}, {}
-    for name in models:
+    for name in features.sessions:
         scores = knn_distance(calibration[name], vectors[name], trust.ood_k)
         limits[name], rates[name] = conformal_limit(scores, trust.ood_alpha)
     refit = _is_refit(run_dir)
@@ -182,15 +184,14 @@ def _column_values(run_dir: Path, table_file: str, column: str) -> tuple[list[st
 
 
 def build_day_check(
-    staging: Path, models: dict[str, str], run_dir: Path, prior: dict[str, Any] | None, *,
-    size: int, mean: Sequence[float], std: Sequence[float], input_name: str,
-    trust: TrustConfig, seed: int = 0, features: ImageFeatures | None = None,
+    run_dir: Path, prior: dict[str, Any] | None, features: ImageFeatures | None, *,
+    trust: TrustConfig, seed: int = 0,
 ) -> dict[str, Any] | None:
     """The bundle's `day_check` record (`embryo_ml.evaluation.day_check`), for a run with a day
-    prior whose model has a features output; None (logged) otherwise. The training images are
-    the same sample as the out-of-distribution reference's, so a shared `features` runs each
-    image once."""
-    if prior is None or not has_feature_output(staging / models["fp32"]):
+    prior whose model has a features output (`features` not None); None (logged) otherwise.
+    The training images are the same sample as the out-of-distribution reference's, so the
+    shared `features` runs each image once."""
+    if prior is None or features is None:
         return None
     column = str(prior["column"])
     train_paths, train_days = _column_values(run_dir, TRAIN_IMAGES_FILE, column)
@@ -199,7 +200,6 @@ def build_day_check(
         log.warning("no day check: the run folder does not list the '%s' of its training and "
                     "validation images (a run from an older version)", column)
         return None
-    features = features or ImageFeatures.of_models(staging, models, size, mean, std, input_name)
     chosen = _spread(list(range(len(train_paths))), trust.ood_reference_images, seed)
     train, kept = features.of([train_paths[i] for i in chosen])
     calibration, val_kept = features.of(val_paths)

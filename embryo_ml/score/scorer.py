@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,7 +78,7 @@ from embryo_ml.score.session import (
     choose_model,
     dihedral_views,
 )
-from embryo_ml.score.shift import shift_record
+from embryo_ml.score.shift import OOD_FLAG, count_flags, shift_record_of
 
 __all__ = [
     "PRECISIONS", "LoadedImage", "OnnxScorer", "ScoreItem", "ScoreSummary", "ScoringInterrupted",
@@ -302,15 +302,10 @@ class _Run:
         return self.summary
 
 
-def day_mismatch_warning(column: str, rows: Iterable[Mapping[str, Any]]) -> str | None:
-    """One line counting the scored rows flagged `day_mismatch`, None when there are none: a
-    typed day the images do not match moved their scores (a shifted column, swapped days)."""
-    n_flagged = n_scored = 0
-    for row in rows:
-        if row.get("status") != "ok":
-            continue
-        n_scored += 1
-        n_flagged += DAY_FLAG in str(row.get("flags") or "").split(";")
+def day_mismatch_warning(column: str, n_flagged: int, n_scored: int) -> str | None:
+    """One line for `n_flagged` of `n_scored` rows flagged `day_mismatch`, None when there are
+    none: a typed day the images do not match moved their scores (a shifted column, swapped
+    days)."""
     if not n_flagged:
         return None
     return (f"{n_flagged} of {n_scored} images do not look like the '{column}' their manifest "
@@ -334,9 +329,11 @@ def finish_scores(out: Path, bundle: Bundle, settings: dict[str, Any], cohorts: 
     write_table(summary.embryos_out, EMBRYO_COLUMNS, cohorts.rows())
     summary.n_embryos = len(cohorts)
     # every row of the output, resumed ones too; the sidecar gains the record at the very end
-    summary.shift = shift_record(bundle, summary.precision, written_rows())
+    counts, n_scored = count_flags(written_rows(), (OOD_FLAG, DAY_FLAG))  # one read
+    summary.shift = shift_record_of(bundle, summary.precision, counts[OOD_FLAG], n_scored)
     if bundle.day_check is not None:
-        summary.day_warning = day_mismatch_warning(bundle.day_check["column"], written_rows())
+        summary.day_warning = day_mismatch_warning(bundle.day_check["column"],
+                                                   counts[DAY_FLAG], n_scored)
     said = {"prior_warning": summary.prior_warning} if summary.prior_warning else {}
     atomic_write_text(settings_path(out),
                       json.dumps({**settings, "shift": summary.shift, **said}, indent=2) + "\n")

@@ -45,9 +45,9 @@ from typing import Any
 from embryo_ml.export.bundle import Bundle
 
 __all__ = ["DEFAULT_SHIFT_P", "ENERGY_EXPECTED_RATE", "OOD_FLAG", "beta_binomial_tail",
-           "binomial_tail", "calibration_null", "count_flagged", "dataset_shift",
+           "binomial_tail", "calibration_null", "count_flagged", "count_flags", "dataset_shift",
            "expected_ood_rate", "format_percent", "mostly_flagged_cohorts", "shift_p_limit",
-           "shift_record", "shift_warning"]
+           "shift_record", "shift_record_of", "shift_warning"]
 
 OOD_FLAG = "out_of_distribution"
 ENERGY_EXPECTED_RATE = 0.01  # the energy limit is the 0.99 quantile of validation energies
@@ -214,26 +214,42 @@ def _counted(row: Mapping[str, Any]) -> tuple[bool, bool]:
     return True, OOD_FLAG in _flags(row.get("flags"))
 
 
+def count_flags(rows: Iterable[Mapping[str, Any]], names: Sequence[str]
+                ) -> tuple[dict[str, int], int]:
+    """(per flag of `names`: the `ok` rows carrying it, the `ok` rows), in one pass."""
+    counts = dict.fromkeys(names, 0)
+    n_scored = 0
+    for row in rows:
+        if str(row.get("status") or "") != "ok":
+            continue
+        n_scored += 1
+        flags = _flags(row.get("flags"))
+        for name in names:
+            counts[name] += name in flags
+    return counts, n_scored
+
+
 def count_flagged(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
     """(flagged out_of_distribution, scored) over the `ok` rows."""
-    n_flagged = n_scored = 0
-    for row in rows:
-        scored, flagged = _counted(row)
-        n_scored += scored
-        n_flagged += flagged
-    return n_flagged, n_scored
+    counts, n_scored = count_flags(rows, (OOD_FLAG,))
+    return counts[OOD_FLAG], n_scored
 
 
 def shift_record(bundle: Bundle, precision: str, rows: Iterable[Mapping[str, Any]]
                  ) -> dict[str, Any]:
     """The run's record: `dataset_shift` of its rows plus `"available": true`, or
     `{"available": false, "reason": ...}` when the bundle has no out_of_distribution flag."""
+    return shift_record_of(bundle, precision, *count_flagged(rows))
+
+
+def shift_record_of(bundle: Bundle, precision: str, n_flagged: int, n_scored: int
+                    ) -> dict[str, Any]:
+    """`shift_record` from the counts: `n_flagged` of `n_scored` rows out_of_distribution."""
     rate = expected_ood_rate(bundle, precision)
     if rate is None:
         return {"available": False, "shifted": False,
                 "reason": "the bundle has no out_of_distribution flag (no feature-space "
                           "reference and no energy limit), so dataset shift cannot be tested"}
-    n_flagged, n_scored = count_flagged(rows)
     return {"available": True, **dataset_shift(n_flagged, n_scored, rate, shift_p_limit(bundle),
                                                calibration_null(bundle, precision))}
 
