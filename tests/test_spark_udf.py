@@ -47,6 +47,7 @@ from embryo_ml.score.scorer import score_images  # noqa: E402
 
 TOLERANCE = 1e-6
 pytestmark = [
+    pytest.mark.slow,  # a JVM and two Python workers: about 35 s
     pytest.mark.usefixtures("forget_tracking_uri"),
     # pyspark's own notes about pandas 3, not about this code
     pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas"),
