@@ -257,6 +257,9 @@ def add_fold_options(parser: argparse.ArgumentParser, work: Path, folds: int) ->
     parser.add_argument("--clinic-skew", action="store_true",
                         help="drop good 8-cell and morula images so that the day predicts the "
                              f"label, as in a clinic (good share per day {SKEWED_GOOD_SHARE})")
+    parser.add_argument("--drop-grades", nargs="*", default=[], choices=["A", "B", "C"],
+                        help="leave out these grades (B: grade A vs C, a clearer difference "
+                             "than A/B vs C, so the models have more to learn within a day)")
 
 
 def folded_table(args: argparse.Namespace) -> pd.DataFrame | None:
@@ -266,6 +269,7 @@ def folded_table(args: argparse.Namespace) -> pd.DataFrame | None:
               file=sys.stderr)
         return None
     table = pd.read_csv(stage_grade_manifest(args.data, args.work / "manifest.csv"))
+    table = table[~table["grade_letter"].isin(args.drop_grades)].reset_index(drop=True)
     if args.clinic_skew:
         table = clinic_skew(table, args.seed)
     table["fold"] = folds_of(table, args.folds, args.seed)
