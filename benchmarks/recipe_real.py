@@ -37,6 +37,8 @@ of the pooled out-of-fold predictions.
 
     python benchmarks/recipe_real.py                      # 5 folds, 10 epochs, 128 px (~1 h)
     python benchmarks/recipe_real.py --folds 3 --recipes default plain --json recipe.json
+    python benchmarks/recipe_real.py --clinic-skew --drop-grades B --recipes default plain \
+        --try seed1:seed=1 --plain-seeds 1          # grade A vs C, two seeds of each
 """
 
 from __future__ import annotations
@@ -170,15 +172,15 @@ def run_toolkit(train: pd.DataFrame, test: pd.DataFrame, overrides: list[str], w
     return scored[:, good], image_alone[:, good], seconds
 
 
-def run_plain(train: pd.DataFrame, test: pd.DataFrame, args: argparse.Namespace
-              ) -> tuple[np.ndarray, float]:
-    """The plain loop of the module text."""
+def run_plain(train: pd.DataFrame, test: pd.DataFrame, args: argparse.Namespace,
+              seed: int | None = None) -> tuple[np.ndarray, float]:
+    """The plain loop of the module text, its random stream from `seed` (else --seed)."""
     import timm
     import torch
     from PIL import Image
     from torchvision import transforms as T
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if seed is None else seed)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     train_tf = T.Compose([T.Resize((args.size, args.size)), T.RandomHorizontalFlip(),
                           T.RandomVerticalFlip(), T.RandomRotation(180), T.ToTensor(),
@@ -315,8 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[*RECIPES, "plain", "day-only"])
     parser.add_argument("--try", dest="trials", nargs="+", default=[], metavar="NAME:KEY=V,...",
                         help="also run a recipe of your own: default.yaml plus these overrides")
+    parser.add_argument("--plain-seeds", nargs="+", type=int, default=[], metavar="SEED",
+                        help="also run the plain loop from these training seeds, as `plain-sSEED` "
+                             "(to set a seed spread of the baseline beside `--try NAME:seed=N`)")
     args = parser.parse_args(argv)
     recipes = dict(RECIPES)
+    args.recipes += [f"plain-s{seed}" for seed in args.plain_seeds]
     for trial in args.trials:
         name, _, overrides = trial.partition(":")
         recipes[name] = [o for o in overrides.split(",") if o]
@@ -332,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes:
             if predictions.has(recipe, fold):
                 continue  # resumable: this fold of this recipe is already in predictions.csv
-            if recipe == "plain":
-                p, seconds = run_plain(train, test, args)
+            if recipe == "plain" or recipe.startswith("plain-s"):
+                seed = int(recipe.removeprefix("plain-s")) if recipe != "plain" else None
+                p, seconds = run_plain(train, test, args, seed)
             elif recipe == "day-only":  # the good share of the test image's day in training
                 p, seconds = test["day"].map(train.groupby("day")["label"].apply(
                     lambda labels: (labels == "good").mean())).to_numpy(float), 0.0

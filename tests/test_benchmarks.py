@@ -207,3 +207,27 @@ def test_train_command_smoke(bench, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "work" / "run0" / "metrics.json").is_file()
     assert (tmp_path / "work" / "data" / "plain.pt").is_file() or any(
         (tmp_path / "work").rglob("plain.pt"))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "stage-grade").is_dir(),
+                    reason=f"{SHARED_DATA / 'stage-grade'} absent (set EMBRYO_ML_SHARED_DATA)")
+def test_recipe_real_drop_grades_and_plain_seeds(bench, tmp_path: Path):
+    """--drop-grades B leaves grade A vs C with whole duplicate groups; the plain loop's seed
+    (--plain-seeds) sets its random stream: the same seed repeats, another one differs."""
+    import numpy as np
+
+    module = bench("recipe_real")
+    parser = module.argparse.ArgumentParser()
+    module.add_fold_options(parser, tmp_path / "work", folds=2)
+    args = parser.parse_args(["--drop-grades", "B", "--epochs", "1", "--size", "32",
+                              "--model", "test_resnet"])
+    table = module.folded_table(args)
+    assert set(table["grade_letter"]) == {"A", "C"} and len(table) == 300
+    assert (table.groupby("patient_id")["fold"].nunique() == 1).all()
+    small = table.groupby(["label", "day"]).head(20)  # > 32 training images: a batch trains
+    train, test = small[small["fold"] == 0], small[small["fold"] == 1]
+    first, _ = module.run_plain(train, test, args, seed=1)
+    again, _ = module.run_plain(train, test, args, seed=1)
+    other, _ = module.run_plain(train, test, args, seed=2)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
