@@ -207,9 +207,14 @@ def _flags(value: object) -> Sequence[str]:
     return list(value) if isinstance(value, Iterable) else []
 
 
+def _scored(row: Mapping[str, Any]) -> bool:
+    """Whether a row was scored (status `ok`): only those count towards flag shares."""
+    return str(row.get("status") or "") == "ok"
+
+
 def _counted(row: Mapping[str, Any]) -> tuple[bool, bool]:
     """(scored, flagged out_of_distribution) of a row: "flags" is ";"-joined text or a list."""
-    if str(row.get("status") or "") != "ok":
+    if not _scored(row):
         return False, False
     return True, OOD_FLAG in _flags(row.get("flags"))
 
@@ -220,7 +225,7 @@ def count_flags(rows: Iterable[Mapping[str, Any]], names: Sequence[str]
     counts = dict.fromkeys(names, 0)
     n_scored = 0
     for row in rows:
-        if str(row.get("status") or "") != "ok":
+        if not _scored(row):
             continue
         n_scored += 1
         flags = _flags(row.get("flags"))
