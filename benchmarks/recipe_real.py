@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(to set a seed spread of the baseline beside `--try NAME:seed=N`)")
     args = parser.parse_args(argv)
     recipes = dict(RECIPES)
-    args.recipes += [f"plain-s{seed}" for seed in args.plain_seeds]
+    plain_seeds = {"plain": None, **{f"plain-s{seed}": seed for seed in args.plain_seeds}}
+    args.recipes += [name for name in plain_seeds if name != "plain"]
     for trial in args.trials:
         name, _, overrides = trial.partition(":")
         recipes[name] = [o for o in overrides.split(",") if o]
@@ -338,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes:
             if predictions.has(recipe, fold):
                 continue  # resumable: this fold of this recipe is already in predictions.csv
-            if recipe == "plain" or recipe.startswith("plain-s"):
-                seed = int(recipe.removeprefix("plain-s")) if recipe != "plain" else None
-                p, seconds = run_plain(train, test, args, seed)
+            if recipe in plain_seeds:  # the plain loop, from --seed or a --plain-seeds seed
+                p, seconds = run_plain(train, test, args, plain_seeds[recipe])
             elif recipe == "day-only":  # the good share of the test image's day in training
                 p, seconds = test["day"].map(train.groupby("day")["label"].apply(
                     lambda labels: (labels == "good").mean())).to_numpy(float), 0.0
